@@ -1,0 +1,164 @@
+"""The command line: parse flags, load the config once, call :func:`pipeline.run.run`.
+
+User mistakes (:class:`PipelineError`) print one line per problem and exit 2 (config) or
+1 (data); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .config import Config, load_config
+from .errors import PipelineError
+from .plan import STAGES, plan_run
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Out-of-core clustering of object embeddings (ingest, train, predict, postprocess, report).",
+)
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="YAML config file (see config.yaml).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one key, e.g. --set train.n_clusters=50 (repeatable)."),
+]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        help="threads | processes | synchronous | local-cluster | a scheduler address (tcp://host:8786).",
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo stages even if their outputs are up to date.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit without running.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary printout.")]
+
+
+def _fail(exc: Exception) -> None:
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(getattr(exc, "exit_code", 1))
+
+
+def _load(config: Path, overrides: list[str] | None, scheduler: str | None, quiet: bool) -> Config:
+    overrides = list(overrides or [])
+    if scheduler:
+        overrides.append(f"executor.scheduler={scheduler}")
+    if quiet:
+        overrides.append("executor.progress=false")
+    return load_config(config, overrides)
+
+
+def _run_stages(
+    stages: tuple[str, ...], config: Path, overrides: list[str] | None, scheduler: str | None,
+    force: bool, dry_run: bool, quiet: bool,
+) -> None:  # fmt: skip
+    from .run import run
+
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        cfg = _load(config, overrides, scheduler, quiet)
+        plan = plan_run(cfg, stages)
+        if dry_run:
+            typer.echo(repr(plan))
+            _print_training_plan(cfg, plan)
+            return
+        result = run(cfg, stages, force=force, plan=plan)
+    except PipelineError as exc:
+        _fail(exc)
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    skipped = f"; skipped (up to date): {', '.join(result.skipped)}" if result.skipped else ""
+    typer.echo(f"done: {timings or 'nothing to do'}{skipped}. Outputs in {result.paths.root}")
+
+
+def _print_training_plan(cfg: Config, plan) -> None:
+    from .run import training_plan
+
+    try:
+        typer.echo(repr(training_plan(cfg, plan.paths)))
+    except PipelineError:
+        typer.echo("TrainPlan: known after ingest (the store does not exist yet)")
+
+
+def _stage_command(stage: str):
+    def command(
+        config: ConfigOpt = Path("config.yaml"),
+        set_: SetOpt = None,
+        scheduler: SchedulerOpt = None,
+        force: ForceOpt = False,
+        dry_run: DryRunOpt = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        _run_stages((stage,), config, set_, scheduler, force, dry_run, quiet)
+
+    command.__doc__ = f"Run only the '{stage}' stage (its upstream must be complete)."
+    return command
+
+
+@app.command()
+def run(
+    config: ConfigOpt = Path("config.yaml"),
+    set_: SetOpt = None,
+    scheduler: SchedulerOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run every stage, skipping those already up to date."""
+    _run_stages(STAGES, config, set_, scheduler, force, dry_run, quiet)
+
+
+for _stage in STAGES:
+    app.command(name=_stage)(_stage_command(_stage))
+
+
+@app.command()
+def validate(config: ConfigOpt = Path("config.yaml"), set_: SetOpt = None) -> None:
+    """Check the config file and print the resolved configuration."""
+    try:
+        cfg = load_config(config, set_)
+    except PipelineError as exc:
+        _fail(exc)
+    import yaml
+
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+@app.command("make-demo")
+def make_demo(
+    root: Annotated[Path, typer.Option(help="Folder to write the dataset into.")] = Path("data/demo"),
+    n_objects: Annotated[int, typer.Option(min=1, help="Number of objects (CSV rows).")] = 61_751,
+    dim: Annotated[int, typer.Option(min=1, help="Embedding dimension.")] = 1792,
+    n_true_clusters: Annotated[int, typer.Option(min=1, help="Clusters the data is drawn around.")] = 600,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    layout: Annotated[str, typer.Option(help="per_image (one .npy per image) or matrix.")] = "per_image",
+    images: Annotated[bool, typer.Option(help="Also draw the images (for report crops).")] = False,
+) -> None:
+    """Generate a seeded synthetic dataset shaped like the write-up's."""
+    from .synthetic import make_demo_dataset
+
+    if layout not in ("per_image", "matrix"):
+        _fail(PipelineError(f"--layout must be 'per_image' or 'matrix'. Got {layout!r} instead."))
+    ds = make_demo_dataset(root, n_objects, dim, n_true_clusters, seed, layout, images)  # type: ignore[arg-type]
+    typer.echo(f"wrote {ds.n_objects:,} objects x {ds.dim} dims under {ds.root}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="pipeline")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Typed, frozen configuration: one pydantic model per ``config.yaml`` section.
+
+Constraints live in the field types, so a bad value is rejected once, at load time, with
+the YAML key path in the message. Derived values (the effective number of clusters, the
+batch size actually used) are computed in :mod:`pipeline.plan`, never written back here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from .errors import ConfigError, MissingInputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InputConfig(_Section):
+    """Where the objects table, the embeddings and (optionally) the images live."""
+
+    objects_csv: str = "data/demo/ins_posts_object_tags_cleaned.csv"
+    embeddings_root: str = "data/demo/ins_posts"
+    embeddings_template: str = "{username}/embeddings/{image_name}.npy"
+    embeddings_matrix: str | None = None
+    images_root: str | None = None
+    image_template: str = "{username}/{image_name}.jpg"
+
+    @field_validator("embeddings_template")
+    @classmethod
+    def _template_fields(cls, value: str) -> str:
+        allowed = {"username", "image_name", "batch_folder", "res_name"}
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name}
+        except ValueError as exc:
+            raise ValueError(f"is not a valid format template ({exc})") from None
+        unknown = fields - allowed
+        if unknown:
+            raise ValueError(
+                f"may only use the fields {sorted(allowed)}; got {sorted(unknown)}"
+            )
+        return value
+
+
+class SelectConfig(_Section):
+    """Which objects of the CSV are clustered (the write-up's 'selected objects')."""
+
+    tags: list[str] | None = None
+    exclude_tags: list[str] = []
+    min_score: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class IngestConfig(_Section):
+    """How embeddings are checked and laid out on disk."""
+
+    dim: PositiveInt | None = None
+    chunk_rows: PositiveInt = 8192
+    compression: Literal["none", "lz4", "zstd"] = "none"
+    on_bad_object: Literal["reject", "fail"] = "reject"
+    keep_memmap: bool = False
+    shuffle_seed: int | None = None
+
+
+class TrainConfig(_Section):
+    """MiniBatchKMeans fitted with ``partial_fit`` over the shuffled store."""
+
+    n_clusters: PositiveInt | Literal["auto"] = 600
+    target_cluster_size: PositiveInt = 100
+    batch_size: PositiveInt = 4096
+    epochs: PositiveInt = 2
+    init_size: PositiveInt | None = None
+    refine_iterations: Annotated[int, Field(ge=0)] = 2
+    reassignment_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int = 0
+    blas_threads: PositiveInt | None = None
+
+
+class PostprocessConfig(_Section):
+    """The write-up's three post-processing steps, in order."""
+
+    dedupe_key: str | None = "image_name"
+    min_similarity: float = Field(0.7, ge=-1.0, le=1.0)
+    min_cluster_size: PositiveInt = 10
+
+
+class OutputConfig(_Section):
+    """Where outputs go; ``dir`` may be a local path or an fsspec URL."""
+
+    dir: str = "out/demo"
+    staging_dir: str | None = None
+    csv_name: str = "ins_posts_clusters.csv"
+
+
+class ReportConfig(_Section):
+    """The summary tables and the HTML review report."""
+
+    top_n: PositiveInt = 10
+    samples_per_cluster: PositiveInt = 8
+    thumbnail_px: PositiveInt = 96
+    groups_file: str | None = None
+
+
+class ExecutorConfig(_Section):
+    """Where the dask work runs; the only section :mod:`pipeline.executor` reads."""
+
+    scheduler: str = "threads"
+    n_workers: PositiveInt | None = None
+    threads_per_worker: PositiveInt | None = None
+    connect_timeout_s: float = Field(10.0, gt=0)
+    progress: bool = True
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        known = {"threads", "synchronous", "processes", "local-cluster"}
+        if value in known or "://" in value or ":" in value:
+            return value
+        raise ValueError(f"must be one of {sorted(known)} or a scheduler address like tcp://host:8786")
+
+
+class Config(_Section):
+    """The whole run configuration, mirroring ``config.yaml``."""
+
+    input: InputConfig = InputConfig()
+    select: SelectConfig = SelectConfig()
+    ingest: IngestConfig = IngestConfig()
+    train: TrainConfig = TrainConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
+    output: OutputConfig = OutputConfig()
+    report: ReportConfig = ReportConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections, used by stage completion markers."""
+        dumped = self.model_dump(mode="json")
+        payload = json.dumps({name: dumped[name] for name in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'. Remove it or check its spelling.")
+        else:
+            lines.append(f"{source}: key '{key}': {err['msg']}. Got {err.get('input')!r}.")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one ``section.key=value`` override; the value is read as YAML.
+
+    >>> parse_override("train.n_clusters=50")
+    (['train', 'n_clusters'], 50)
+    """
+    if "=" not in text:
+        raise ConfigError(f"Override {text!r} must look like section.key=value.")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"Override key '{'.'.join(path)}': '{part}' is not a section.")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load, override and validate the configuration once.
+
+    Parameters
+    ----------
+    path : str or Path, default=None
+        YAML file; ``None`` uses the built-in defaults.
+    overrides : list of str, default=None
+        ``section.key=value`` strings applied on top of the file.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise MissingInputError(f"Config file {source} does not exist. Pass an existing YAML file.")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{source}: not valid YAML ({first}).") from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{source}: the top level must be a mapping of sections. Got {type(data).__name__}."
+            )
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        _apply_override(data, key_path, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None

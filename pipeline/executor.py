@@ -1,0 +1,111 @@
+"""Where dask work runs: the only module that knows about schedulers.
+
+``threads`` (default, all local cores), ``processes``, ``synchronous`` (debugging),
+``local-cluster`` (a ``distributed.LocalCluster`` of worker processes) or the address of a
+running ``dask scheduler``. Stages build lazy graphs; :meth:`Executor.compute` runs them
+here, with a progress bar and timing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+
+from .config import ExecutorConfig
+from .errors import SchedulerError
+
+log = logging.getLogger("pipeline")
+
+
+@contextmanager
+def timed(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
+    """Log the start, end and duration of a step (and record it in ``timings``)."""
+    log.info("%s: started", name)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        if timings is not None:
+            timings[name] = elapsed
+        log.info("%s: finished in %.2f s", name, elapsed)
+
+
+@dataclass
+class Executor:
+    """A live dask context: compute lazy objects with progress, know the core count."""
+
+    kind: str
+    client: Any = None
+    progress: bool = True
+    n_cores: int = os.cpu_count() or 1
+
+    def compute(self, *objects: Any, desc: str = "") -> Any:
+        """Compute dask collections on this executor; returns one result per object."""
+        if self.client is not None:
+            futures = self.client.compute(list(objects))
+            if self.progress:
+                from distributed import progress
+
+                progress(futures, notebook=False)
+                print(flush=True)
+            results = self.client.gather(futures)
+        elif self.progress:
+            from dask.diagnostics import ProgressBar
+
+            if desc:
+                print(f"[{desc}]", flush=True)
+            with ProgressBar(minimum=1.0):
+                results = dask.compute(*objects)
+        else:
+            results = dask.compute(*objects)
+        return results[0] if len(objects) == 1 else tuple(results)
+
+
+def _connect(address: str, timeout_s: float) -> Any:
+    from distributed import Client
+
+    try:
+        return Client(address, timeout=f"{timeout_s}s", set_as_default=True)
+    except (OSError, TimeoutError) as exc:
+        raise SchedulerError(
+            f"Cannot reach the dask scheduler at {address} within {timeout_s:g} s ({type(exc).__name__}). "
+            "Start it with 'dask scheduler' or fix executor.scheduler / --scheduler."
+        ) from None
+
+
+@contextmanager
+def open_executor(cfg: ExecutorConfig) -> Iterator[Executor]:
+    """Enter the configured scheduler for the duration of the block."""
+    scheduler = cfg.scheduler
+    if scheduler in ("threads", "processes", "synchronous"):
+        n = cfg.n_workers or (os.cpu_count() or 1)
+        with dask.config.set(scheduler=scheduler, num_workers=n):
+            yield Executor(kind=scheduler, progress=cfg.progress, n_cores=n)
+        return
+    if scheduler == "local-cluster":
+        from distributed import Client, LocalCluster
+
+        n_workers = cfg.n_workers or min(4, os.cpu_count() or 1)
+        threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // n_workers)
+        with LocalCluster(
+            n_workers=n_workers, threads_per_worker=threads, processes=True, dashboard_address=":0"
+        ) as cluster, Client(cluster) as client:
+            log.info("local cluster: %d workers x %d threads, dashboard %s", n_workers, threads, client.dashboard_link)
+            print(f"dask dashboard: {client.dashboard_link}", flush=True)
+            yield Executor(kind="local-cluster", client=client, progress=cfg.progress, n_cores=n_workers * threads)
+        return
+    client = _connect(scheduler, cfg.connect_timeout_s)
+    try:
+        print(f"dask dashboard: {client.dashboard_link}", flush=True)
+        cores = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values()) or 1
+        yield Executor(kind="distributed", client=client, progress=cfg.progress, n_cores=cores)
+    finally:
+        client.close()

@@ -1,0 +1,160 @@
+"""Pure numpy kernels, one block of rows at a time, float32 end to end.
+
+Module-level functions so they pickle to dask workers; no I/O, no dask. Each costs one
+matrix product of the block against the centres plus O(rows * dim) work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+
+from .schema import ASSIGNMENT_DTYPE
+
+
+def row_sq_norms(x: np.ndarray) -> np.ndarray:
+    """Squared euclidean norm of each row, in the input's dtype.
+
+    >>> row_sq_norms(np.array([[3.0, 4.0]], dtype=np.float32))
+    array([25.], dtype=float32)
+    """
+    return np.einsum("ij,ij->i", x, x)
+
+
+def nearest_centres(
+    block: np.ndarray, centres: np.ndarray, centre_sq_norms: np.ndarray
+) -> np.ndarray:
+    """Index of the nearest centre for each row, shape ``(n_rows,)``.
+
+    Uses ``|c|^2 - 2 x.c`` (the row norm does not change the argmin), so the only
+    ``(n_rows, n_clusters)`` work is one matrix product and one in-place update.
+    Ties go to the lowest index, as in scikit-learn.
+    """
+    scores = block @ centres.T
+    scores *= -2.0
+    scores += centre_sq_norms
+    return np.argmin(scores, axis=1).astype(np.int32)
+
+
+def assign_block(
+    block: np.ndarray, centres: np.ndarray, centre_sq_norms: np.ndarray | None = None
+) -> np.ndarray:
+    """Cluster, euclidean distance and cosine similarity to the assigned centre.
+
+    Parameters
+    ----------
+    block : ndarray of shape (n_rows, n_features), float32
+    centres : ndarray of shape (n_clusters, n_features), float32
+    centre_sq_norms : ndarray of shape (n_clusters,), default=None
+        Precomputed ``row_sq_norms(centres)``.
+
+    Returns
+    -------
+    records : structured ndarray of shape (n_rows,) with fields cluster, dist, sim
+        (see :data:`pipeline.schema.ASSIGNMENT_DTYPE`). A zero row gets ``sim = 0``.
+
+    >>> c = np.array([[1, 0], [0, 2]], dtype=np.float32)
+    >>> r = assign_block(np.array([[0, 1]], dtype=np.float32), c)
+    >>> int(r["cluster"][0]), float(r["dist"][0]), float(r["sim"][0])
+    (1, 1.0, 1.0)
+    """
+    block = np.asarray(block, dtype=np.float32)
+    centres = np.asarray(centres, dtype=np.float32)
+    if centre_sq_norms is None:
+        centre_sq_norms = row_sq_norms(centres)
+    labels = nearest_centres(block, centres, centre_sq_norms)
+    assigned = centres[labels]
+    dots = row_dots(block, assigned)
+    diff = block - assigned
+    dist = np.sqrt(row_sq_norms(diff))
+    norms = np.sqrt(row_sq_norms(block) * centre_sq_norms[labels])
+    sim = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+    out = np.empty(len(block), dtype=ASSIGNMENT_DTYPE)
+    out["cluster"] = labels
+    out["dist"] = dist
+    out["sim"] = np.clip(sim, -1.0, 1.0)
+    return out
+
+
+def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot products of two arrays of the same shape."""
+    return np.einsum("ij,ij->i", a, b)
+
+
+def cluster_sums(
+    block: np.ndarray, centres: np.ndarray, centre_sq_norms: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """One Lloyd step's sufficient statistics for a block.
+
+    Returns per-cluster sums ``(n_clusters, n_features)`` in float64, member counts
+    ``(n_clusters,)`` and the block's inertia (sum of squared distances). Summing these
+    over blocks and dividing gives the full-batch k-means update, so a Lloyd iteration is
+    a parallel map-reduce over the store.
+    """
+    k = len(centres)
+    labels = nearest_centres(block, centres, centre_sq_norms)
+    n = len(block)
+    onehot = sp.csr_matrix(
+        (np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n)
+    )
+    sums = np.asarray(onehot @ block, dtype=np.float64)
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    diff = block - centres[labels]
+    inertia = float(row_sq_norms(diff).sum(dtype=np.float64))
+    return sums, counts, inertia
+
+
+def inertia_of(block: np.ndarray, centres: np.ndarray, centre_sq_norms: np.ndarray) -> float:
+    """Sum of squared distances of the block's rows to their nearest centre."""
+    labels = nearest_centres(block, centres, centre_sq_norms)
+    diff = block - centres[labels]
+    return float(row_sq_norms(diff).sum(dtype=np.float64))
+
+
+def kmeans_plusplus(sample: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """Greedy k-means++ seeding in float32 (scikit-learn's algorithm, without upcasting).
+
+    Each step draws ``2 + log(k)`` candidates in proportion to the squared distance to the
+    nearest chosen centre and keeps the one that lowers the potential most.
+
+    Parameters
+    ----------
+    sample : ndarray of shape (n_rows, n_features)
+        A random sample of the dataset (``n_rows >= n_clusters``).
+    n_clusters : int
+    seed : int
+
+    Returns
+    -------
+    centres : ndarray of shape (n_clusters, n_features), float32
+    """
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    n = len(x)
+    if n < n_clusters:
+        raise ValueError(f"k-means++ needs at least {n_clusters} rows; got {n}.")
+    rng = np.random.default_rng(seed)
+    trials = 2 + int(math.log(n_clusters))
+    x_sq = row_sq_norms(x)
+    centres = np.empty((n_clusters, x.shape[1]), dtype=np.float32)
+    first = int(rng.integers(n))
+    centres[0] = x[first]
+    closest = np.maximum(x_sq - 2.0 * (x @ x[first]) + x_sq[first], 0.0)
+    potential = float(closest.sum(dtype=np.float64))
+    for c in range(1, n_clusters):
+        if potential <= 0.0:  # all rows coincide with chosen centres: pick uniformly
+            candidates = rng.integers(n, size=trials)
+        else:
+            cumulative = np.cumsum(closest, dtype=np.float64)
+            candidates = np.searchsorted(cumulative, rng.random(trials) * cumulative[-1])
+            candidates = np.minimum(candidates, n - 1)
+        dist = x_sq[candidates, None] - 2.0 * (x[candidates] @ x.T) + x_sq[None, :]
+        np.maximum(dist, 0.0, out=dist)
+        np.minimum(dist, closest[None, :], out=dist)
+        potentials = dist.sum(axis=1, dtype=np.float64)
+        best = int(np.argmin(potentials))
+        closest = dist[best]
+        potential = float(potentials[best])
+        centres[c] = x[candidates[best]]
+    return centres

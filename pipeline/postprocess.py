@@ -1,0 +1,71 @@
+"""Stage 4: the write-up's post-processing, as parallel dask work.
+
+All three steps look only inside one cluster, so after one shuffle that puts each cluster
+wholly in one partition, every partition is processed independently by
+:func:`label_rows`. Rows are never dropped here: each gets a ``status`` saying whether it
+is kept or which step removed it, so the funnel and the accounting follow from the table.
+"""
+
+from __future__ import annotations
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+
+from . import schema
+from .config import PostprocessConfig
+
+
+def label_rows(
+    frame: pd.DataFrame,
+    dedupe_key: str | None = "image_name",
+    min_similarity: float = 0.7,
+    min_cluster_size: int = 10,
+) -> pd.DataFrame:
+    """Give every row its post-processing ``status``; ``frame`` must hold whole clusters.
+
+    1. inside each cluster, one row per ``dedupe_key`` value: the most similar (ties: the
+       lowest ``object_id``) is kept, the others are ``removed:duplicate_image``;
+    2. rows with ``sim <= min_similarity`` are ``removed:low_similarity``;
+    3. clusters left with fewer than ``min_cluster_size`` rows lose them as
+       ``removed:small_cluster``.
+
+    Returns the rows sorted by cluster, descending ``sim``, then ``object_id``.
+
+    >>> t = pd.DataFrame({"object_id": [0, 1, 2], "cluster": [0, 0, 0],
+    ...                   "image_name": ["a", "a", "b"], "sim": [0.9, 0.95, 0.5]})
+    >>> label_rows(t, min_cluster_size=1)["status"].tolist()
+    ['kept', 'removed:duplicate_image', 'removed:low_similarity']
+    """
+    out = frame.sort_values(
+        ["cluster", "sim", schema.OBJECT_ID], ascending=[True, False, True], kind="stable"
+    ).reset_index(drop=True)
+    status = np.full(len(out), schema.STATUS_KEPT, dtype=object)
+    if dedupe_key is not None:
+        # Sorted by descending sim, so the first row of each (cluster, key) is the best.
+        duplicate = out.duplicated(subset=["cluster", dedupe_key], keep="first").to_numpy()
+        status[duplicate] = schema.STATUS_DUPLICATE
+    low = (out["sim"].to_numpy() <= min_similarity) & (status == schema.STATUS_KEPT)
+    status[low] = schema.STATUS_LOW_SIMILARITY
+    alive = status == schema.STATUS_KEPT
+    sizes = pd.Series(alive).groupby(out["cluster"].to_numpy()).transform("sum").to_numpy()
+    status[alive & (sizes < min_cluster_size)] = schema.STATUS_SMALL_CLUSTER
+    out[schema.STATUS] = pd.array(status, dtype="str")
+    return out
+
+
+def apply_postprocessing(
+    cfg: PostprocessConfig, assignments: dd.DataFrame, n_partitions: int | None = None
+) -> dd.DataFrame:
+    """Lazy: shuffle rows so each cluster sits in one partition, then label each partition."""
+    n_partitions = n_partitions or assignments.npartitions
+    by_cluster = assignments.shuffle(on="cluster", npartitions=n_partitions)
+    meta = assignments._meta.assign(**{schema.STATUS: pd.Series([], dtype="str")})
+    return by_cluster.map_partitions(
+        label_rows,
+        dedupe_key=cfg.dedupe_key,
+        min_similarity=cfg.min_similarity,
+        min_cluster_size=cfg.min_cluster_size,
+        meta=meta,
+        align_dataframes=False,
+    )

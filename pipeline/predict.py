@@ -1,0 +1,71 @@
+"""Stage 3: assign every stored row to its nearest centre, in parallel over store blocks.
+
+``map_blocks`` runs :func:`pipeline.kernels.assign_block` on each Zarr chunk (one matrix
+product per block, float32); each block's records are then attached to the matching part
+of the row-aligned objects table. Returns a lazy dask DataFrame, one partition per block.
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+from dask import delayed
+from threadpoolctl import threadpool_limits
+
+from . import kernels, schema, sinks, store
+
+
+def assign_block_single_threaded(
+    block: np.ndarray, centres: np.ndarray, centre_sq_norms: np.ndarray
+) -> np.ndarray:
+    """:func:`kernels.assign_block` with one BLAS thread: the parallelism is across blocks."""
+    with threadpool_limits(1):
+        return kernels.assign_block(block, centres, centre_sq_norms)
+
+
+def attach_assignments(objects: pd.DataFrame, records: np.ndarray) -> pd.DataFrame:
+    """Objects of one block plus their ``cluster``, ``dist`` and ``sim`` columns."""
+    if len(objects) != len(records):
+        raise ValueError(f"objects part has {len(objects)} rows, block has {len(records)}")
+    out = objects.copy()
+    for name in schema.ASSIGNMENT_DTYPE.names:
+        out[name] = records[name]
+    return out
+
+
+def assignments_meta(objects_url: str) -> pd.DataFrame:
+    """An empty frame with the assignments' columns and dtypes (dask ``meta``)."""
+    objects = sinks.read_parquet_part(objects_url, 0).iloc[:0]
+    return attach_assignments(objects, np.empty(0, dtype=schema.ASSIGNMENT_DTYPE))
+
+
+def assign_clusters(store_url: str, objects_url: str, centres: np.ndarray) -> dd.DataFrame:
+    """Lazy assignments: one partition per store block, rows in store order.
+
+    Parameters
+    ----------
+    centres : ndarray of shape (n_clusters, n_features)
+    """
+    vectors = store.vectors_array(store_url)
+    centres = np.ascontiguousarray(centres, dtype=np.float32)
+    centres_d = delayed(centres, pure=True)
+    norms_d = delayed(kernels.row_sq_norms(centres), pure=True)
+    records = da.map_blocks(
+        assign_block_single_threaded,
+        vectors,
+        centres_d,
+        norms_d,
+        drop_axis=1,
+        dtype=schema.ASSIGNMENT_DTYPE,
+        meta=np.empty((0,), dtype=schema.ASSIGNMENT_DTYPE),
+    )
+    blocks = records.to_delayed().ravel()
+    parts = [
+        delayed(attach_assignments, pure=True)(
+            delayed(sinks.read_parquet_part, pure=True)(objects_url, i), block
+        )
+        for i, block in enumerate(blocks)
+    ]
+    return dd.from_delayed(parts, meta=assignments_meta(objects_url), verify_meta=False)

@@ -1,0 +1,126 @@
+"""The data contract: column names, dtypes and pyarrow schemas of every table.
+
+One place for what downstream consumers rely on. Round-trip tests in
+``tests/test_schema.py`` check that what the sinks write reads back with these schemas.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+#: Columns the objects CSV must have (the write-up's names). Extra columns are carried.
+REQUIRED_INPUT_COLUMNS: tuple[str, ...] = (
+    "batch_folder",
+    "username",
+    "res_name",
+    "bbox",
+    "tag",
+    "score",
+    "idx",
+    "image_name",
+)
+
+#: The write-up's output sample fields, in its order: exactly the CSV's columns.
+OUTPUT_CSV_FIELDS: tuple[str, ...] = REQUIRED_INPUT_COLUMNS + ("cluster", "dist", "sim")
+
+#: Identifies an object across all tables: its position in the ingested store.
+OBJECT_ID = "object_id"
+#: The 0-based data row of the object in the input CSV (header not counted).
+SOURCE_ROW = "source_row"
+#: Where post-processing left a row: ``kept`` or the step that removed it.
+STATUS = "status"
+
+STATUS_KEPT = "kept"
+STATUS_DUPLICATE = "removed:duplicate_image"
+STATUS_LOW_SIMILARITY = "removed:low_similarity"
+STATUS_SMALL_CLUSTER = "removed:small_cluster"
+STATUS_ORDER: tuple[str, ...] = (
+    STATUS_DUPLICATE,
+    STATUS_LOW_SIMILARITY,
+    STATUS_SMALL_CLUSTER,
+    STATUS_KEPT,
+)
+
+OBJECTS_SCHEMA = pa.schema(
+    [
+        pa.field(OBJECT_ID, pa.int64(), nullable=False),
+        pa.field(SOURCE_ROW, pa.int64(), nullable=False),
+        pa.field("batch_folder", pa.string()),
+        pa.field("username", pa.string()),
+        pa.field("res_name", pa.string()),
+        pa.field("bbox", pa.string()),
+        pa.field("tag", pa.string()),
+        pa.field("score", pa.float64()),
+        pa.field("idx", pa.int64()),
+        pa.field("image_name", pa.string()),
+    ]
+)
+
+ASSIGNMENT_FIELDS = [
+    pa.field("cluster", pa.int32(), nullable=False),
+    pa.field("dist", pa.float32(), nullable=False),
+    pa.field("sim", pa.float32(), nullable=False),
+]
+
+#: A block of predictions as returned by :func:`pipeline.kernels.assign_block`.
+ASSIGNMENT_DTYPE = np.dtype([("cluster", "<i4"), ("dist", "<f4"), ("sim", "<f4")])
+
+ASSIGNMENTS_SCHEMA = OBJECTS_SCHEMA.append(ASSIGNMENT_FIELDS[0]).append(
+    ASSIGNMENT_FIELDS[1]
+).append(ASSIGNMENT_FIELDS[2]).append(pa.field(STATUS, pa.string(), nullable=False))
+
+CLUSTERS_SCHEMA = pa.schema(
+    [
+        pa.field("batch_folder", pa.string()),
+        pa.field("username", pa.string()),
+        pa.field("res_name", pa.string()),
+        pa.field("bbox", pa.string()),
+        pa.field("tag", pa.string()),
+        pa.field("score", pa.float64()),
+        pa.field("idx", pa.int64()),
+        pa.field("image_name", pa.string()),
+        *ASSIGNMENT_FIELDS,
+    ]
+)
+
+CLUSTER_SUMMARY_SCHEMA = pa.schema(
+    [
+        pa.field("cluster", pa.int32(), nullable=False),
+        pa.field("size", pa.int64(), nullable=False),
+        pa.field("size_after_dedupe", pa.int64(), nullable=False),
+        pa.field("size_after_similarity", pa.int64(), nullable=False),
+        pa.field("size_final", pa.int64(), nullable=False),
+        pa.field("mean_sim", pa.float64()),
+        pa.field("mean_dist", pa.float64()),
+        pa.field("mean_sim_final", pa.float64()),
+        pa.field("dominant_tags", pa.string()),
+        pa.field("kept", pa.bool_(), nullable=False),
+    ]
+)
+
+FUNNEL_SCHEMA = pa.schema(
+    [
+        pa.field("step", pa.string(), nullable=False),
+        pa.field("rows", pa.int64(), nullable=False),
+        pa.field("clusters", pa.int64()),
+        pa.field("removed", pa.int64(), nullable=False),
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field(SOURCE_ROW, pa.int64(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("username", pa.string()),
+        pa.field("image_name", pa.string()),
+        pa.field("idx", pa.string()),
+        pa.field("detail", pa.string()),
+    ]
+)
+
+
+def empty_frame(schema: pa.Schema) -> pd.DataFrame:
+    """An empty pandas frame with the dtypes ``schema`` maps to (dask ``meta``)."""
+    return schema.empty_table().to_pandas()

@@ -1,0 +1,158 @@
+"""Writers and readers of the tabular outputs: Parquet with an explicit schema and run
+metadata, and the write-up's CSV. Every write is atomic (temporary path, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import dask.dataframe as dd
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .store import atomic_path, filesystem
+
+METADATA_KEY = b"pipeline"
+_PACKAGES = ("numpy", "dask", "distributed", "zarr", "scikit-learn", "pandas", "pyarrow")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the results, recorded in every output."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:  # pragma: no cover - all are dependencies
+            versions[name] = "missing"
+    return versions
+
+
+def _with_metadata(schema: pa.Schema, run_metadata: dict[str, Any] | None) -> pa.Schema:
+    if not run_metadata:
+        return schema
+    payload = json.dumps(run_metadata, sort_keys=True, default=str).encode()
+    return schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: payload})
+
+
+def to_table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    """Convert ``frame`` to Arrow: ``schema``'s columns first with their declared types,
+    then any extra (carried-through) columns with inferred types."""
+    extra = [c for c in frame.columns if c not in schema.names]
+    declared = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+    for name in extra:
+        declared = declared.append_column(name, pa.array(frame[name], from_pandas=True))
+    return declared
+
+
+def write_parquet(
+    frame: pd.DataFrame | pa.Table,
+    url: str,
+    schema: pa.Schema,
+    run_metadata: dict[str, Any] | None = None,
+) -> str:
+    """Write one Parquet file atomically with ``schema`` and the run metadata."""
+    schema = _with_metadata(schema, run_metadata)
+    table = frame if isinstance(frame, pa.Table) else to_table(frame, schema)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **(schema.metadata or {})})
+    fs, _ = filesystem(url)
+    with atomic_path(url) as tmp:
+        _, tmp_path = filesystem(tmp)
+        with fs.open(tmp_path, "wb") as handle:
+            pq.write_table(table, handle, compression="zstd")
+    return url
+
+
+def write_parquet_dataset(
+    frame: dd.DataFrame,
+    url: str,
+    schema: pa.Schema,
+    run_metadata: dict[str, Any] | None = None,
+    compute: bool = True,
+) -> Any:
+    """Write a dask frame as a folder of Parquet parts, one per partition, in parallel.
+
+    The workers write their own parts, so on a cluster ``url`` must be shared storage.
+    """
+    schema = _with_metadata(schema, run_metadata)
+    with atomic_path(url) as tmp:
+        result = frame.to_parquet(
+            tmp,
+            schema=schema,
+            write_index=False,
+            compression="zstd",
+            compute=compute,
+            write_metadata_file=False,
+            name_function=lambda i: f"part-{i:05d}.parquet",
+        )
+    return result
+
+
+def read_parquet(url: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a Parquet file or folder into pandas (small tables only)."""
+    fs, path = filesystem(url)
+    return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()
+
+
+def read_run_metadata(url: str) -> dict[str, Any]:
+    """The run metadata stored in a Parquet file's schema."""
+    fs, path = filesystem(url)
+    if fs.isdir(path):
+        path = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))[0]
+    with fs.open(path, "rb") as handle:
+        metadata = pq.read_schema(handle).metadata or {}
+    return json.loads(metadata.get(METADATA_KEY, b"{}"))
+
+
+def write_csv(frame: pd.DataFrame, url: str, columns: tuple[str, ...], schema: pa.Schema) -> str:
+    """Write exactly ``columns`` as CSV (header, comma, minimal quoting), atomically."""
+    table = to_table(frame[list(columns)], pa.schema([schema.field(c) for c in columns]))
+    fs, _ = filesystem(url)
+    with atomic_path(url) as tmp:
+        _, tmp_path = filesystem(tmp)
+        with fs.open(tmp_path, "wb") as handle:
+            pacsv.write_csv(
+                table, handle, pacsv.WriteOptions(quoting_style="needed", include_header=True)
+            )
+    return url
+
+
+def write_json(payload: Any, url: str) -> str:
+    """Write a JSON document atomically."""
+    fs, _ = filesystem(url)
+    with atomic_path(url) as tmp:
+        _, tmp_path = filesystem(tmp)
+        with fs.open(tmp_path, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+    return url
+
+
+def write_text(text: str, url: str) -> str:
+    """Write a text file atomically."""
+    fs, _ = filesystem(url)
+    with atomic_path(url) as tmp:
+        _, tmp_path = filesystem(tmp)
+        with fs.open(tmp_path, "w") as handle:
+            handle.write(text)
+    return url
+
+
+def read_json(url: str) -> Any:
+    fs, path = filesystem(url)
+    with fs.open(path, "r") as handle:
+        return json.load(handle)
+
+
+def part_urls(url: str) -> list[str]:
+    """The ``part-*.parquet`` files of a Parquet folder, in part order."""
+    fs, path = filesystem(url)
+    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    return [fs.unstrip_protocol(p) if "://" in url else p for p in names]
+
+
+def read_parquet_part(url: str, part: int) -> pd.DataFrame:
+    """Read part ``part`` of a Parquet folder written by this package."""
+    return read_parquet(f"{url.rstrip('/')}/part-{part:05d}.parquet")

@@ -1,0 +1,144 @@
+"""The Zarr layout of the embeddings store, and path helpers shared by every writer.
+
+The store is one Zarr v3 group (a local path or an fsspec URL)::
+
+    embeddings.zarr/
+      vectors     (n_rows, dim) float32, chunks (chunk_rows, dim): whole rows per chunk,
+                  rows in a seeded random order, so every chunk is a uniform sample
+      object_ids  (n_rows,) int64, same row chunks: the object each row belongs to
+
+Because rows are stored shuffled, a contiguous read is a random sample of the dataset:
+mini-batches need no random access, and predict streams the store sequentially.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dask.array as da
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from .errors import MissingInputError, OutputError
+
+VECTORS = "vectors"
+OBJECT_IDS = "object_ids"
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the fsspec filesystem and the path inside it for a path or URL."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL with ``/``."""
+    return "/".join([url.rstrip("/"), *parts])
+
+
+@contextmanager
+def atomic_path(url: str) -> Iterator[str]:
+    """Yield a temporary sibling of ``url``; move it into place only if the block succeeds.
+
+    A crash inside the block leaves only a ``*.tmp-*`` sibling, never something at ``url``
+    that looks complete. Works for files and folders, local or fsspec.
+    """
+    fs, path = filesystem(url)
+    tmp_url = f"{url.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    _, tmp_path = filesystem(tmp_url)
+    try:
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"Output folder {fs._parent(path)} cannot be created ({exc.strerror or exc}). "
+            "Choose a writable output.dir."
+        ) from None
+    try:
+        yield tmp_url
+    except BaseException:
+        if fs.exists(tmp_path):
+            fs.rm(tmp_path, recursive=True)
+        raise
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.mv(tmp_path, path, recursive=fs.isdir(tmp_path))
+
+
+def remove_stale_temporaries(url: str) -> None:
+    """Delete ``*.tmp-*`` leftovers of killed runs under the output folder."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return
+    for entry in fs.ls(path, detail=False):
+        if ".tmp-" in entry.rsplit("/", 1)[-1]:
+            fs.rm(entry, recursive=True)
+
+
+def _compressors(compression: str) -> Any:
+    if compression == "none":
+        return None
+    if compression == "lz4":
+        return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+    return ZstdCodec(level=3)
+
+
+def create_store(
+    url: str,
+    n_rows: int,
+    dim: int,
+    chunk_rows: int,
+    compression: str = "none",
+    attrs: dict | None = None,
+) -> zarr.Group:
+    """Create an empty embeddings group at ``url`` (overwriting)."""
+    group = zarr.open_group(url, mode="w", zarr_format=3, attributes=attrs or {})
+    chunk_rows = max(1, min(chunk_rows, n_rows))
+    group.create_array(
+        VECTORS,
+        shape=(n_rows, dim),
+        chunks=(chunk_rows, dim),
+        dtype="float32",
+        compressors=_compressors(compression),
+        fill_value=0.0,
+        dimension_names=("row", "feature"),
+    )
+    group.create_array(
+        OBJECT_IDS,
+        shape=(n_rows,),
+        chunks=(chunk_rows,),
+        dtype="int64",
+        compressors=None,
+        fill_value=-1,
+        dimension_names=("row",),
+    )
+    return group
+
+
+def open_store(url: str) -> zarr.Group:
+    """Open an existing embeddings group read-only, with a clear error if it is missing."""
+    try:
+        return zarr.open_group(url, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise MissingInputError(
+            f"Embeddings store {url} does not exist. Run the 'ingest' stage first."
+        ) from None
+
+
+def vectors_array(url: str) -> da.Array:
+    """The store's vectors as a dask array, one block per Zarr chunk (lazy)."""
+    return da.from_zarr(url, component=VECTORS)
+
+
+def object_ids_array(url: str) -> da.Array:
+    """The store's object ids as a dask array aligned with :func:`vectors_array`."""
+    return da.from_zarr(url, component=OBJECT_IDS)
+
+
+def read_rows(url: str, start: int, stop: int) -> np.ndarray:
+    """Read rows ``[start, stop)`` of the vectors (one or a few whole chunks)."""
+    return zarr.open_array(url, path=VECTORS, mode="r")[start:stop]

@@ -1,0 +1,267 @@
+"""Seeded generator of a dataset shaped like the write-up's (the demo and the tests).
+
+It streams one user at a time, so it never holds the whole matrix in memory. What it
+imitates, because each property matters to the pipeline:
+
+- users are contiguous in the CSV and each has a few favourite clusters, so file-order
+  mini-batches are biased (what the shuffled store fixes);
+- true cluster sizes are very unequal (Zipf-like) and their tightness varies, so some
+  clusters survive the similarity filter and some vanish (the write-up's cluster 202);
+- a user's vectors share a small style offset; some objects are outliers;
+- objects of one image often share a cluster (left and right shoe), so the per-image
+  dedupe removes rows.
+
+Layout written under ``root`` (the documented input layout)::
+
+    ins_posts_object_tags_cleaned.csv        one row per object, users contiguous
+    ins_posts/<username>/embeddings/<image_name>.npy   (n_objects_in_image, dim) float32,
+                                              row i is the object with idx == i
+    embeddings.npy                            (layout="matrix") one matrix aligned to the CSV
+    images/<username>/<image_name>.jpg       (images=True) pictures whose shapes follow
+                                              the clusters, one shape per object bbox
+    truth.parquet                             source_row, true_cluster (-1 = outlier)
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+TAGS = (
+    "shoe", "bag", "face", "forehead", "hat", "dress", "watch", "sunglasses", "car", "dog",
+    "cup", "plant", "chair", "bottle", "necklace", "jacket", "book", "laptop", "cake", "bike",
+)  # fmt: skip
+IMAGE_PX = 320
+CSV_NAME = "ins_posts_object_tags_cleaned.csv"
+
+
+@dataclass(frozen=True)
+class DemoDataset:
+    """Paths of a generated dataset."""
+
+    root: Path
+    objects_csv: Path
+    embeddings_root: Path
+    embeddings_matrix: Path | None
+    images_root: Path | None
+    truth: Path
+    n_objects: int
+    dim: int
+
+
+def _user_sizes(rng: np.random.Generator, n_objects: int, n_users: int) -> np.ndarray:
+    weights = rng.lognormal(0.0, 0.8, n_users)
+    sizes = np.floor(weights / weights.sum() * n_objects).astype(np.int64)
+    sizes = np.maximum(sizes, 1)
+    # Give or take the remainder one row at a time so the total is exact.
+    diff = n_objects - int(sizes.sum())
+    order = np.argsort(-sizes)
+    i = 0
+    while diff != 0:
+        j = order[i % n_users]
+        if diff > 0:
+            sizes[j] += 1
+            diff -= 1
+        elif sizes[j] > 1:
+            sizes[j] -= 1
+            diff += 1
+        i += 1
+    return sizes
+
+
+def _split_into_images(rng: np.random.Generator, n: int) -> list[int]:
+    counts = []
+    while n > 0:
+        k = int(min(n, rng.geometric(0.45)))
+        k = min(k, 6)
+        counts.append(k)
+        n -= k
+    return counts
+
+
+def _cluster_colour(cluster: int) -> tuple[int, int, int]:
+    hue = (cluster * 0.61803398875) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _draw_image(path: Path, bboxes: list[list[float]], clusters: list[int], seed: int) -> None:
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(30, 90, size=3)
+    pixels = np.clip(base + rng.normal(0, 6, (IMAGE_PX, IMAGE_PX, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(image)
+    for (x1, y1, x2, y2), cluster in zip(bboxes, clusters, strict=True):
+        box = [x1, y1, x2, y2]
+        if cluster < 0:  # outliers: grey scribbles
+            draw.line(box, fill=(160, 160, 160), width=3)
+            continue
+        colour = _cluster_colour(cluster)
+        shape = cluster % 4
+        if shape == 0:
+            draw.ellipse(box, fill=colour)
+        elif shape == 1:
+            draw.rectangle(box, fill=colour)
+        elif shape == 2:
+            draw.polygon([(x1, y2), ((x1 + x2) / 2, y1), (x2, y2)], fill=colour)
+        else:
+            draw.rectangle(box, outline=colour, width=max(2, int((x2 - x1) / 6)))
+        stripes = 1 + (cluster // 4) % 4
+        for s in range(stripes):
+            y = y1 + (s + 1) * (y2 - y1) / (stripes + 1)
+            draw.line([x1, y, x2, y], fill=(255, 255, 255), width=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, quality=88)
+
+
+def make_demo_dataset(
+    root: str | Path,
+    n_objects: int = 61_751,
+    dim: int = 1792,
+    n_true_clusters: int = 600,
+    seed: int = 0,
+    layout: Literal["per_image", "matrix"] = "per_image",
+    images: bool = False,
+    outlier_fraction: float = 0.02,
+) -> DemoDataset:
+    """Write a seeded synthetic dataset under ``root`` and return its paths.
+
+    Parameters
+    ----------
+    n_objects : int, default=61751
+        Rows of the objects CSV (the write-up's count).
+    dim : int, default=1792
+        Embedding dimension.
+    n_true_clusters : int, default=600
+        Clusters the vectors are drawn around.
+    layout : {"per_image", "matrix"}, default="per_image"
+        One ``.npy`` per image, or one matrix aligned to the CSV rows.
+    images : bool, default=False
+        Also draw a picture per image whose shapes follow the clusters.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    k = int(n_true_clusters)
+
+    centres = rng.standard_normal((k, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    popularity = 1.0 / np.arange(1, k + 1) ** 0.7
+    popularity = rng.permutation(popularity)
+    popularity /= popularity.sum()
+    tightness = rng.uniform(0.55, 1.45, k).astype(np.float32)
+    cluster_tag = np.array([TAGS[(c * 7) % len(TAGS)] for c in range(k)])
+
+    n_users = max(1, n_objects // 120)
+    sizes = _user_sizes(rng, n_objects, n_users)
+
+    csv_path = root / CSV_NAME
+    emb_root = root / "ins_posts"
+    img_root = root / "images" if images else None
+    matrix_path = root / "embeddings.npy" if layout == "matrix" else None
+    matrix = (
+        np.lib.format.open_memmap(matrix_path, mode="w+", dtype=np.float32, shape=(n_objects, dim))
+        if matrix_path is not None
+        else None
+    )
+    truth_rows: list[np.ndarray] = []
+    writer: pacsv.CSVWriter | None = None
+    row = 0
+    for u in range(n_users):
+        username = f"user_{hashlib.md5(f'{seed}-{u}'.encode()).hexdigest()[:10]}"
+        batch_folder = f"ins_posts_{1 + u % 3}"
+        favourites = rng.choice(k, size=min(k, 5), replace=False, p=popularity)
+        user_p = 0.35 * popularity
+        user_p[favourites] += 0.65 * rng.dirichlet(np.ones(len(favourites)))
+        user_p /= user_p.sum()
+        style = rng.standard_normal(dim, dtype=np.float32) * np.float32(0.3 / np.sqrt(dim))
+        columns: dict[str, list] = {
+            name: []
+            for name in (
+                "batch_folder", "username", "res_name", "bbox", "tag", "score", "idx",
+                "image_name", "raw_tag",
+            )
+        }  # fmt: skip
+        for i, n_in_image in enumerate(_split_into_images(rng, int(sizes[u]))):
+            image_name = hashlib.md5(f"{seed}-{u}-{i}".encode()).hexdigest()
+            first = int(rng.choice(k, p=user_p))
+            clusters = [first]
+            for _ in range(n_in_image - 1):
+                clusters.append(first if rng.random() < 0.35 else int(rng.choice(k, p=user_p)))
+            clusters_arr = np.array(clusters)
+            outlier = rng.random(n_in_image) < outlier_fraction
+            clusters_arr[outlier] = -1
+            noise_scale = np.where(
+                outlier, 1.0, tightness[np.maximum(clusters_arr, 0)] * rng.lognormal(0, 0.2, n_in_image)
+            ).astype(np.float32)
+            noise = rng.standard_normal((n_in_image, dim), dtype=np.float32)
+            noise *= (noise_scale / np.sqrt(dim)).astype(np.float32)[:, None]
+            vectors = np.where(outlier[:, None], 0.0, centres[np.maximum(clusters_arr, 0)])
+            vectors = (vectors + style + noise).astype(np.float32)
+            if matrix is not None:
+                matrix[row : row + n_in_image] = vectors
+            else:
+                path = emb_root / username / "embeddings" / f"{image_name}.npy"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, vectors)
+            bboxes = []
+            for j in range(n_in_image):
+                w, h = rng.uniform(40, 160, 2)
+                x1, y1 = rng.uniform(0, IMAGE_PX - w), rng.uniform(0, IMAGE_PX - h)
+                bbox = [float(x1), float(y1), float(x1 + w), float(y1 + h)]
+                bboxes.append(bbox)
+                c = int(clusters_arr[j])
+                tag = cluster_tag[c] if c >= 0 and rng.random() < 0.9 else TAGS[rng.integers(len(TAGS))]
+                columns["batch_folder"].append(batch_folder)
+                columns["username"].append(username)
+                columns["res_name"].append(f"{image_name}.json")
+                columns["bbox"].append(json.dumps(bbox))
+                columns["tag"].append(str(tag))
+                columns["score"].append(round(float(rng.uniform(0.3, 1.0)), 2))
+                columns["idx"].append(j)
+                columns["image_name"].append(image_name)
+                columns["raw_tag"].append(f"{tag}|{TAGS[(TAGS.index(str(tag)) + 1) % len(TAGS)]}")
+            if img_root is not None:
+                _draw_image(
+                    img_root / username / f"{image_name}.jpg",
+                    bboxes,
+                    clusters_arr.tolist(),
+                    seed=hash((seed, u, i)) & 0xFFFFFFFF,
+                )
+            truth_rows.append(clusters_arr)
+            row += n_in_image
+        table = pa.table(columns)
+        if writer is None:
+            writer = pacsv.CSVWriter(str(csv_path), table.schema)
+        writer.write_table(table)
+    assert writer is not None
+    writer.close()
+    if matrix is not None:
+        matrix.flush()
+        del matrix
+    truth = np.concatenate(truth_rows)
+    pq.write_table(
+        pa.table({"source_row": np.arange(len(truth), dtype=np.int64), "true_cluster": truth}),
+        root / "truth.parquet",
+    )
+    return DemoDataset(
+        root=root,
+        objects_csv=csv_path,
+        embeddings_root=emb_root,
+        embeddings_matrix=matrix_path,
+        images_root=img_root,
+        truth=root / "truth.parquet",
+        n_objects=n_objects,
+        dim=dim,
+    )
