@@ -145,13 +145,25 @@ class Config(_Section):
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = []
+    """One line per bad key; a union's alternatives are merged into one line."""
+    problems: dict[str, list[str]] = {}
+    values: dict[str, object] = {}
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "<root>"
+        # Union members add tags such as 'constrained-int' to the location: drop them.
+        parts = [str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier()]
+        key = ".".join(parts) or "<root>"
         if err["type"] == "extra_forbidden":
+            problems.setdefault(key, []).append("unknown")
+        else:
+            problems.setdefault(key, []).append(err["msg"])
+            values[key] = err.get("input")
+    lines = []
+    for key, messages in problems.items():
+        if messages == ["unknown"]:
             lines.append(f"{source}: unknown key '{key}'. Remove it or check its spelling.")
         else:
-            lines.append(f"{source}: key '{key}': {err['msg']}. Got {err.get('input')!r}.")
+            detail = " or ".join(dict.fromkeys(messages))
+            lines.append(f"{source}: key '{key}': {detail}. Got {values.get(key)!r}.")
     return "\n".join(lines)
 
 

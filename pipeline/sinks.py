@@ -108,7 +108,7 @@ def read_run_metadata(url: str) -> dict[str, Any]:
 
 
 def write_csv(frame: pd.DataFrame, url: str, columns: tuple[str, ...], schema: pa.Schema) -> str:
-    """Write exactly ``columns`` as CSV (header, comma, minimal quoting), atomically."""
+    """Write exactly ``columns`` as CSV (header, comma; text values quoted), atomically."""
     table = to_table(frame[list(columns)], pa.schema([schema.field(c) for c in columns]))
     fs, _ = filesystem(url)
     with atomic_path(url) as tmp:

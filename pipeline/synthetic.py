@@ -157,7 +157,7 @@ def make_demo_dataset(
 
     centres = rng.standard_normal((k, dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    popularity = 1.0 / np.arange(1, k + 1) ** 0.7
+    popularity = 1.0 / np.arange(1, k + 1) ** 0.45
     popularity = rng.permutation(popularity)
     popularity /= popularity.sum()
     tightness = rng.uniform(0.55, 1.45, k).astype(np.float32)
@@ -182,8 +182,8 @@ def make_demo_dataset(
         username = f"user_{hashlib.md5(f'{seed}-{u}'.encode()).hexdigest()[:10]}"
         batch_folder = f"ins_posts_{1 + u % 3}"
         favourites = rng.choice(k, size=min(k, 5), replace=False, p=popularity)
-        user_p = 0.35 * popularity
-        user_p[favourites] += 0.65 * rng.dirichlet(np.ones(len(favourites)))
+        user_p = 0.6 * popularity
+        user_p[favourites] += 0.4 * rng.dirichlet(np.ones(len(favourites)))
         user_p /= user_p.sum()
         style = rng.standard_normal(dim, dtype=np.float32) * np.float32(0.3 / np.sqrt(dim))
         columns: dict[str, list] = {
@@ -198,7 +198,7 @@ def make_demo_dataset(
             first = int(rng.choice(k, p=user_p))
             clusters = [first]
             for _ in range(n_in_image - 1):
-                clusters.append(first if rng.random() < 0.35 else int(rng.choice(k, p=user_p)))
+                clusters.append(first if rng.random() < 0.2 else int(rng.choice(k, p=user_p)))
             clusters_arr = np.array(clusters)
             outlier = rng.random(n_in_image) < outlier_fraction
             clusters_arr[outlier] = -1

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny seeded datasets written to disk, configs pointing at them, and
+the schedulers every end-to-end check runs on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import Config
+from pipeline.synthetic import DemoDataset, make_demo_dataset
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> DemoDataset:
+    """2,000 objects x 32 dims around 20 clusters, per-image .npy files: big enough for
+    several store blocks and a non-trivial funnel, small enough to run in a second."""
+    root = tmp_path_factory.mktemp("small")
+    return make_demo_dataset(root, n_objects=2000, dim=32, n_true_clusters=20, seed=1)
+
+
+@pytest.fixture(scope="session")
+def matrix_dataset(tmp_path_factory) -> DemoDataset:
+    """The same shape as ``small_dataset`` but with one CSV-aligned matrix file."""
+    root = tmp_path_factory.mktemp("matrix")
+    return make_demo_dataset(root, n_objects=1500, dim=24, n_true_clusters=15, seed=2, layout="matrix")
+
+
+def config_for(dataset: DemoDataset, out: Path, **sections) -> Config:
+    """A config that runs ``dataset`` into ``out`` quickly (no progress output)."""
+    data = {
+        "input": {
+            "objects_csv": str(dataset.objects_csv),
+            "embeddings_root": str(dataset.embeddings_root),
+            "embeddings_matrix": str(dataset.embeddings_matrix) if dataset.embeddings_matrix else None,
+        },
+        "ingest": {"chunk_rows": 256},
+        "train": {"n_clusters": 20, "batch_size": 256, "epochs": 2, "refine_iterations": 1},
+        "output": {"dir": str(out)},
+        "executor": {"progress": False},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return Config.model_validate(data)
+
+
+@pytest.fixture
+def small_config(small_dataset, tmp_path) -> Config:
+    """Config for ``small_dataset`` writing under this test's ``tmp_path``."""
+    return config_for(small_dataset, tmp_path / "out")
+
+
+def load_vectors(dataset: DemoDataset, frame) -> np.ndarray:
+    """The input vector of each row of ``frame`` (username, image_name, idx), read directly
+    from the embedding files: the independent oracle for the ingest round trip."""
+    if dataset.embeddings_matrix is not None:
+        return np.load(dataset.embeddings_matrix)[frame["source_row"].to_numpy()]
+    rows = []
+    for user, image, idx in frame[["username", "image_name", "idx"]].itertuples(index=False):
+        rows.append(np.load(dataset.embeddings_root / user / "embeddings" / f"{image}.npy")[idx])
+    return np.stack(rows)

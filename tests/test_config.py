@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import Config, load_config, parse_override
+from pipeline.errors import ConfigError, MissingInputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_yaml_documents_the_defaults():
+    # config.yaml is the documentation of every key: it must equal the built-in defaults.
+    assert load_config(ROOT / "config.yaml") == Config()
+
+
+def test_defaults_follow_the_write_up():
+    cfg = Config()
+    assert cfg.train.n_clusters == 600
+    assert cfg.postprocess.min_similarity == 0.7
+    assert cfg.postprocess.min_cluster_size == 10
+    assert cfg.postprocess.dedupe_key == "image_name"
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  n_clusterz: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.n_clusterz'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("train:\n  n_clusters: 0\n", "train.n_clusters"),
+        ("train:\n  n_clusters: lots\n", "train.n_clusters"),
+        ("postprocess:\n  min_similarity: 1.5\n", "postprocess.min_similarity"),
+        ("ingest:\n  compression: brotli\n", "ingest.compression"),
+        ("executor:\n  scheduler: magic\n", "executor.scheduler"),
+    ],
+)
+def test_bad_values_are_one_error_per_key(tmp_path, text, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"key '{key}'" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_overrides_apply_on_top_of_file(tmp_path):
+    cfg = load_config(ROOT / "config.yaml", ["train.n_clusters=auto", "select.tags=[shoe, bag]"])
+    assert cfg.train.n_clusters == "auto"
+    assert cfg.select.tags == ["shoe", "bag"]
+    assert parse_override("postprocess.min_similarity=0.5") == (["postprocess", "min_similarity"], 0.5)
+
+
+def test_missing_config_file_is_a_missing_input(tmp_path):
+    with pytest.raises(MissingInputError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(Exception):
+        cfg.train.seed = 3  # type: ignore[misc]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_give_only_clean_errors(tmp_path_factory, payload):
+    path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+    path.write_bytes(payload)
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        assert str(exc)

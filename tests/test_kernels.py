@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from sklearn.metrics import pairwise_distances
+
+from pipeline import kernels
+
+
+def reference_assign(x, c):
+    """Plain float64 numpy: nearest centre, distance and cosine similarity."""
+    x64, c64 = x.astype(np.float64), c.astype(np.float64)
+    d = pairwise_distances(x64, c64)
+    labels = d.argmin(axis=1)
+    dist = d[np.arange(len(x)), labels]
+    cos = (x64 * c64[labels]).sum(1) / (np.linalg.norm(x64, axis=1) * np.linalg.norm(c64[labels], axis=1))
+    return labels, dist, cos
+
+
+def test_assign_block_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 64), dtype=np.float32)
+    c = rng.standard_normal((30, 64), dtype=np.float32)
+    out = kernels.assign_block(x, c)
+    labels, dist, cos = reference_assign(x, c)
+    np.testing.assert_array_equal(out["cluster"], labels)
+    np.testing.assert_allclose(out["dist"], dist, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["sim"], cos, rtol=1e-5, atol=1e-5)
+    assert out["dist"].dtype == np.float32 and out["sim"].dtype == np.float32
+
+
+def test_assign_block_hand_computed():
+    c = np.array([[0.0, 0.0], [10.0, 0.0]], dtype=np.float32)
+    x = np.array([[1.0, 1.0], [9.0, 0.0], [5.0, 0.0]], dtype=np.float32)
+    out = kernels.assign_block(x, c)
+    # [5, 0] is equidistant: ties go to the lowest index, as in scikit-learn.
+    assert out["cluster"].tolist() == [0, 1, 0]
+    np.testing.assert_allclose(out["dist"], [np.sqrt(2), 1.0, 5.0], rtol=1e-6)
+    # Cosine to the zero centre is undefined: reported as 0.
+    np.testing.assert_allclose(out["sim"], [0.0, 1.0, 0.0], atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 8),
+    d=st.integers(1, 12),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_assign_block_invariants(n, k, d, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    c = rng.standard_normal((k, d), dtype=np.float32)
+    out = kernels.assign_block(x, c)
+    assert ((0 <= out["cluster"]) & (out["cluster"] < k)).all()
+    assert (out["dist"] >= 0).all()
+    assert ((-1 <= out["sim"]) & (out["sim"] <= 1)).all()
+    # The assigned centre is never farther than any other centre (up to float32 rounding).
+    all_d = np.sqrt(((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1))
+    assert (out["dist"] <= all_d.min(axis=1) * (1 + 1e-4) + 1e-4).all()
+
+
+def test_cluster_sums_is_one_lloyd_step():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 8), dtype=np.float32)
+    c = x[:5].copy()
+    sums, counts, inertia = kernels.cluster_sums(x, c, kernels.row_sq_norms(c))
+    labels, dist, _ = reference_assign(x, c)
+    for j in range(5):
+        np.testing.assert_allclose(sums[j], x[labels == j].sum(0), rtol=1e-5, atol=1e-4)
+        assert counts[j] == (labels == j).sum()
+    assert inertia == pytest.approx((dist**2).sum(), rel=1e-5)
+    # Split into two blocks: the statistics add up.
+    a = kernels.cluster_sums(x[:120], c, kernels.row_sq_norms(c))
+    b = kernels.cluster_sums(x[120:], c, kernels.row_sq_norms(c))
+    np.testing.assert_allclose(a[0] + b[0], sums, rtol=1e-6)
+    np.testing.assert_array_equal(a[1] + b[1], counts)
+
+
+def test_kmeans_plusplus_picks_distinct_sample_rows_deterministically():
+    rng = np.random.default_rng(2)
+    # Three far-apart blobs: k-means++ must seed one centre in each.
+    blobs = np.concatenate([rng.normal(m, 0.1, (50, 4)) for m in (0, 10, 20)]).astype(np.float32)
+    centres = kernels.kmeans_plusplus(blobs, 3, seed=5)
+    assert centres.dtype == np.float32
+    assert sorted(np.round(centres.mean(axis=1) / 10).astype(int).tolist()) == [0, 1, 2]
+    rows = {tuple(r) for r in blobs.tolist()}
+    assert all(tuple(r) in rows for r in centres.tolist())
+    np.testing.assert_array_equal(centres, kernels.kmeans_plusplus(blobs, 3, seed=5))
+
+
+def test_kmeans_plusplus_needs_enough_rows():
+    with pytest.raises(ValueError, match="at least 4 rows"):
+        kernels.kmeans_plusplus(np.zeros((3, 2), np.float32), 4, seed=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(2, 30), st.integers(1, 6)),
+              elements=st.floats(-100, 100, width=32)))
+def test_kmeans_plusplus_on_any_data(sample):
+    k = min(len(sample), 3)
+    centres = kernels.kmeans_plusplus(sample, k, seed=0)
+    assert centres.shape == (k, sample.shape[1])
+    assert np.isfinite(centres).all()

@@ -1,0 +1,113 @@
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import schema, summarize
+from pipeline.config import PostprocessConfig
+from pipeline.postprocess import apply_postprocessing, label_rows
+
+K, DUP, LOW, SMALL = schema.STATUS_KEPT, schema.STATUS_DUPLICATE, schema.STATUS_LOW_SIMILARITY, schema.STATUS_SMALL_CLUSTER
+
+
+def hand_table() -> pd.DataFrame:
+    """Cluster 0: 4 rows, image 'a' twice (0.9 beats 0.8), 0.70 is not above 0.7 -> 2 left.
+    Cluster 1: 3 good rows. Cluster 2: 2 good rows. Cluster 3: only low rows, removed
+    entirely by the similarity filter (the write-up's cluster 202)."""
+    rows = [
+        # object_id, cluster, image_name, sim
+        (0, 0, "a", 0.80), (1, 0, "a", 0.90), (2, 0, "b", 0.75), (3, 0, "c", 0.70),
+        (4, 1, "d", 0.95), (5, 1, "e", 0.85), (6, 1, "a", 0.71),
+        (7, 2, "f", 0.99), (8, 2, "g", 0.98),
+        (9, 3, "h", 0.50), (10, 3, "i", 0.10),
+    ]  # fmt: skip
+    t = pd.DataFrame(rows, columns=["object_id", "cluster", "image_name", "sim"])
+    t["dist"] = 1 - t["sim"]
+    t["tag"] = "shoe"
+    return t
+
+
+# With min_cluster_size 3 only cluster 1 is large enough.
+EXPECTED = {0: DUP, 1: SMALL, 2: SMALL, 3: LOW, 4: K, 5: K, 6: K, 7: SMALL, 8: SMALL, 9: LOW, 10: LOW}
+
+
+def test_label_rows_on_hand_built_table():
+    out3 = label_rows(hand_table(), "image_name", 0.7, 3)
+    assert dict(zip(out3["object_id"], out3["status"])) == EXPECTED
+    # min size 2 keeps clusters 0 and 2 as well
+    out2 = label_rows(hand_table(), "image_name", 0.7, 2)
+    assert dict(zip(out2["object_id"], out2["status"])) == {**EXPECTED, 1: K, 2: K, 7: K, 8: K}
+    # output is sorted by cluster, then descending similarity
+    assert out2["object_id"].tolist() == [1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
+def test_funnel_of_hand_built_table():
+    labelled = label_rows(hand_table(), "image_name", 0.7, 3)
+    f = summarize.funnel(11, {}, labelled)
+    assert f["rows"].tolist() == [11, 11, 11, 11, 10, 7, 3]
+    assert f["clusters"].tolist()[3:] == [4, 4, 3, 1]
+    assert f["removed"].tolist() == [0, 0, 0, 0, 1, 3, 4]
+    assert summarize.is_accounted(f)
+
+
+def test_similarity_threshold_is_strict():
+    # The write-up keeps similarity *greater than* 0.7: exactly 0.7 is removed.
+    out = label_rows(hand_table(), "image_name", 0.7, 1)
+    assert out.set_index("object_id").loc[3, "status"] == LOW
+
+
+def test_no_dedupe_key_keeps_same_image_rows():
+    out = label_rows(hand_table(), None, 0.7, 1)
+    assert out.set_index("object_id").loc[0, "status"] == K
+
+
+def test_parallel_postprocessing_equals_single_partition():
+    rng = np.random.default_rng(0)
+    n = 3000
+    t = pd.DataFrame(
+        {
+            "object_id": np.arange(n),
+            "cluster": rng.integers(0, 40, n).astype("int32"),
+            "image_name": rng.integers(0, 600, n).astype(str),
+            "sim": rng.uniform(0.4, 1.0, n).astype("float32"),
+            "dist": rng.uniform(0, 1, n).astype("float32"),
+            "tag": "x",
+        }
+    )
+    cfg = PostprocessConfig()
+    expected = label_rows(t, "image_name", 0.7, 10).set_index("object_id")["status"]
+    ddf = dd.from_pandas(t, npartitions=7)
+    got = apply_postprocessing(cfg, ddf).compute().set_index("object_id")["status"]
+    pd.testing.assert_series_equal(got.sort_index(), expected.sort_index(), check_dtype=False)
+
+
+tables = st.lists(
+    st.tuples(st.integers(0, 5), st.sampled_from("abcdefg"), st.floats(-1, 1, width=32)),
+    min_size=0,
+    max_size=80,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=tables, min_sim=st.floats(-0.5, 0.9), min_size=st.integers(1, 6))
+def test_postprocessing_properties(rows, min_sim, min_size):
+    t = pd.DataFrame(rows, columns=["cluster", "image_name", "sim"])
+    t.insert(0, "object_id", np.arange(len(t)))
+    out = label_rows(t, "image_name", min_sim, min_size)
+    kept = out[out["status"] == K]
+    # every input row is labelled exactly once, and output rows are a subset of the input
+    assert sorted(out["object_id"]) == list(range(len(t)))
+    assert set(out["status"]) <= set(schema.STATUS_ORDER)
+    # no cluster holds one image twice; every kept sim exceeds the threshold
+    assert not kept.duplicated(["cluster", "image_name"]).any()
+    assert (kept["sim"] > min_sim).all()
+    # every kept cluster has at least min_size rows
+    assert (kept.groupby("cluster").size() >= min_size).all()
+    # idempotent: post-processing the kept rows changes nothing
+    again = label_rows(kept.drop(columns="status"), "image_name", min_sim, min_size)
+    assert (again["status"] == K).all()
+    # the kept row of an (cluster, image) is the most similar of that pair
+    best = t.groupby(["cluster", "image_name"])["sim"].max()
+    for row in kept.itertuples():
+        assert row.sim == best[(row.cluster, row.image_name)]
