@@ -81,9 +81,27 @@ def _connect(address: str, timeout_s: float) -> Any:
         ) from None
 
 
+def return_large_blocks_to_os(threshold_bytes: int = 4 << 20) -> None:
+    """Serve allocations above ``threshold_bytes`` with mmap, so freed blocks leave RSS.
+
+    glibc raises its mmap threshold after each large free, after which block-sized arrays
+    come from per-thread heaps that never shrink: peak memory then grows with the number
+    of blocks seen, not with the block size. Fixing the threshold keeps it flat.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, threshold_bytes)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 @contextmanager
 def open_executor(cfg: ExecutorConfig) -> Iterator[Executor]:
     """Enter the configured scheduler for the duration of the block."""
+    return_large_blocks_to_os()
     scheduler = cfg.scheduler
     if scheduler in ("threads", "processes", "synchronous"):
         n = cfg.n_workers or (os.cpu_count() or 1)

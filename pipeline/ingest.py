@@ -51,6 +51,7 @@ REJECT_REASONS = (
     "zero_vector",
 )
 _FILES_PER_TASK = 64
+_COPY_BYTES = 32 << 20  # rows copied per step from a single matrix file
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,7 @@ def fill_memmap_from_matrix(
     n = len(objects)
     reasons = np.full(n, "", dtype=object)
     source = objects["source_row"].to_numpy()
-    step = 8192
+    step = max(1, _COPY_BYTES // (4 * memmap.shape[1]))
     for start in tqdm(range(0, n, step), desc="ingest: copy matrix", disable=not progress):
         block = np.asarray(matrix[source[start : start + step]], dtype=np.float32)
         _check_vectors(block, reasons[start : start + step])

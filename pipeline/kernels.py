@@ -13,6 +13,8 @@ import scipy.sparse as sp
 
 from .schema import ASSIGNMENT_DTYPE
 
+_SLICE_ROWS = 1024
+
 
 def row_sq_norms(x: np.ndarray) -> np.ndarray:
     """Squared euclidean norm of each row, in the input's dtype.
@@ -65,16 +67,19 @@ def assign_block(
     if centre_sq_norms is None:
         centre_sq_norms = row_sq_norms(centres)
     labels = nearest_centres(block, centres, centre_sq_norms)
-    assigned = centres[labels]
-    dots = row_dots(block, assigned)
-    diff = block - assigned
-    dist = np.sqrt(row_sq_norms(diff))
-    norms = np.sqrt(row_sq_norms(block) * centre_sq_norms[labels])
-    sim = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
     out = np.empty(len(block), dtype=ASSIGNMENT_DTYPE)
     out["cluster"] = labels
-    out["dist"] = dist
-    out["sim"] = np.clip(sim, -1.0, 1.0)
+    # Exact distances and dots against the assigned centre, a slice of rows at a time so
+    # the temporary copy of the assigned centres stays small.
+    for start in range(0, len(block), _SLICE_ROWS):
+        rows = block[start : start + _SLICE_ROWS]
+        assigned = centres[labels[start : start + _SLICE_ROWS]]
+        dots = row_dots(rows, assigned)
+        assigned -= rows
+        out["dist"][start : start + _SLICE_ROWS] = np.sqrt(row_sq_norms(assigned))
+        norms = np.sqrt(row_sq_norms(rows) * centre_sq_norms[labels[start : start + _SLICE_ROWS]])
+        sim = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+        out["sim"][start : start + _SLICE_ROWS] = np.clip(sim, -1.0, 1.0)
     return out
 
 

@@ -1,0 +1,119 @@
+"""Whole runs on a small demo dataset: outputs, funnel, resume, determinism, quality."""
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from sklearn.cluster import KMeans
+
+from pipeline import kernels, schema, sinks
+from pipeline.run import read_centres, run
+from tests.conftest import config_for
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_dataset, tmp_path_factory):
+    cfg = config_for(small_dataset, tmp_path_factory.mktemp("e2e") / "out")
+    return cfg, run(cfg)
+
+
+def test_csv_has_exactly_the_write_up_fields(finished_run):
+    cfg, result = finished_run
+    header = open(result.paths.clusters_csv).readline().strip().replace('"', "").split(",")
+    assert header == list(schema.OUTPUT_CSV_FIELDS)
+    csv = pd.read_csv(result.paths.clusters_csv)
+    parquet = sinks.read_parquet(result.paths.clusters_parquet)
+    assert len(csv) == len(parquet) > 0
+    np.testing.assert_allclose(csv["sim"], parquet["sim"], rtol=1e-6)
+    assert (csv["sim"] > cfg.postprocess.min_similarity).all()
+    meta = sinks.read_run_metadata(result.paths.clusters_parquet)
+    assert meta["config"]["train"]["n_clusters"] == 20 and "versions" in meta
+
+
+def test_funnel_follows_from_the_assignment_table(finished_run):
+    cfg, result = finished_run
+    labelled = sinks.read_parquet(f"{result.paths.root}/postprocessed.parquet")
+    assignments = sinks.read_parquet(result.paths.assignments)
+    funnel = sinks.read_parquet(result.paths.funnel)
+    assert len(labelled) == len(assignments) == 2000
+    # Recompute each step independently with plain pandas.
+    dedup = assignments.sort_values(["sim", "object_id"], ascending=[False, True]).drop_duplicates(
+        ["cluster", "image_name"]
+    )
+    similar = dedup[dedup["sim"] > cfg.postprocess.min_similarity]
+    sizes = similar.groupby("cluster")["object_id"].transform("size")
+    final = similar[sizes >= cfg.postprocess.min_cluster_size]
+    expected_rows = [2000, 2000, 2000, 2000, len(dedup), len(similar), len(final)]
+    assert funnel["rows"].tolist() == expected_rows
+    assert funnel["clusters"].tolist()[3:] == [
+        assignments["cluster"].nunique(), dedup["cluster"].nunique(),
+        similar["cluster"].nunique(), final["cluster"].nunique(),
+    ]  # fmt: skip
+    csv = pd.read_csv(result.paths.clusters_csv)
+    assert sorted(zip(csv["image_name"], csv["idx"])) == sorted(zip(final["image_name"], final["idx"]))
+    summary = sinks.read_parquet(result.paths.cluster_summary)
+    assert summary["size"].sum() == 2000 and summary["size_final"].sum() == len(final)
+
+
+def test_predict_equals_numpy_reference_on_saved_centres(finished_run):
+    _, result = finished_run
+    centres = read_centres(result.paths.model)
+    group = zarr.open_group(result.paths.store, mode="r")
+    vectors, ids = group["vectors"][:], group["object_ids"][:]
+    assignments = sinks.read_parquet(result.paths.assignments).set_index("object_id").loc[ids]
+    d = ((vectors[:, None, :].astype(np.float64) - centres[None].astype(np.float64)) ** 2).sum(-1)
+    labels = d.argmin(1)
+    np.testing.assert_array_equal(assignments["cluster"].to_numpy(), labels)
+    np.testing.assert_allclose(assignments["dist"], np.sqrt(d.min(1)), rtol=1e-4, atol=1e-5)
+    c = centres[labels].astype(np.float64)
+    cos = (vectors * c).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(c, axis=1)
+    np.testing.assert_allclose(assignments["sim"], cos, rtol=1e-4, atol=1e-5)
+
+
+def test_inertia_close_to_full_batch_kmeans(finished_run):
+    _, result = finished_run
+    centres = read_centres(result.paths.model)
+    vectors = zarr.open_group(result.paths.store, mode="r")["vectors"][:]
+    ours = kernels.inertia_of(vectors, centres, kernels.row_sq_norms(centres))
+    reference = KMeans(n_clusters=20, n_init=1, random_state=0).fit(vectors).inertia_
+    assert ours <= 1.03 * reference
+
+
+def test_rerun_skips_up_to_date_stages_and_redoes_changed_ones(finished_run):
+    cfg, result = finished_run
+    before = digest(result.paths.clusters_csv)
+    again = run(cfg)
+    assert again.skipped == ["ingest", "train", "predict", "postprocess", "report"]
+    stricter = cfg.model_copy(
+        update={"postprocess": cfg.postprocess.model_copy(update={"min_similarity": 0.8})}
+    )
+    changed = run(stricter)
+    assert changed.skipped == ["ingest", "train", "predict"]
+    assert digest(result.paths.clusters_csv) != before
+    restored = run(cfg)
+    assert restored.skipped == ["ingest", "train", "predict"]
+    assert digest(result.paths.clusters_csv) == before
+
+
+def test_same_seed_gives_byte_identical_outputs(small_dataset, tmp_path, finished_run):
+    _, first = finished_run
+    cfg = config_for(small_dataset, tmp_path / "again")
+    second = run(cfg)
+    for name in ("clusters_csv", "cluster_summary", "funnel"):
+        assert digest(getattr(first.paths, name)) == digest(getattr(second.paths, name)), name
+    np.testing.assert_array_equal(read_centres(first.paths.model), read_centres(second.paths.model))
+
+
+def test_distributed_local_cluster_equals_threads(small_dataset, tmp_path, finished_run):
+    _, first = finished_run
+    cfg = config_for(small_dataset, tmp_path / "cluster",
+                     executor={"scheduler": "local-cluster", "n_workers": 2, "threads_per_worker": 1})  # fmt: skip
+    second = run(cfg)
+    assert digest(first.paths.clusters_csv) == digest(second.paths.clusters_csv)
+    np.testing.assert_array_equal(read_centres(first.paths.model), read_centres(second.paths.model))

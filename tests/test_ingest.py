@@ -1,0 +1,88 @@
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from pipeline import sinks
+from pipeline.ingest import ingest, read_objects_csv
+from pipeline.plan import OutputPaths
+from tests.conftest import config_for, load_vectors
+
+
+def ingest_into(cfg):
+    paths = OutputPaths.from_config(cfg)
+    return ingest(cfg, paths, progress=False), paths
+
+
+def read_store(paths):
+    group = zarr.open_group(paths.store, mode="r")
+    return group["vectors"][:], group["object_ids"][:]
+
+
+@pytest.mark.parametrize("fixture", ["small_dataset", "matrix_dataset"])
+def test_round_trip_every_row_equals_its_input_vector(request, tmp_path, fixture):
+    dataset = request.getfixturevalue(fixture)
+    cfg = config_for(dataset, tmp_path / "out", ingest={"keep_memmap": True})
+    result, paths = ingest_into(cfg)
+    assert result.n_rows == dataset.n_objects and result.n_rejected == 0
+    vectors, ids = read_store(paths)
+    objects = sinks.read_parquet(paths.objects)
+    # The objects table is row-aligned with the store.
+    np.testing.assert_array_equal(objects["object_id"].to_numpy(), ids)
+    expected = load_vectors(dataset, objects)
+    np.testing.assert_array_equal(vectors, expected)
+    # The staging memmap holds the same vectors in CSV order.
+    memmap = np.memmap(paths.memmap, dtype=np.float32, mode="r").reshape(-1, dataset.dim)
+    np.testing.assert_array_equal(memmap[ids], expected)
+    csv = read_objects_csv(str(dataset.objects_csv))
+    by_id = objects.sort_values("object_id")
+    assert by_id["source_row"].tolist() == list(range(len(csv)))
+    assert by_id["image_name"].tolist() == csv["image_name"].tolist()
+
+
+def test_store_is_a_seeded_permutation_with_whole_row_chunks(small_config):
+    _, paths = ingest_into(small_config)
+    group = zarr.open_group(paths.store, mode="r")
+    assert group["vectors"].chunks == (256, 32)
+    assert group["vectors"].dtype == np.float32
+    _, ids = read_store(paths)
+    assert sorted(ids) == list(range(len(ids)))
+    expected = np.random.default_rng(small_config.train.seed).permutation(len(ids))
+    np.testing.assert_array_equal(ids, expected)
+
+
+def users_per_block(users: np.ndarray, block_rows: int) -> float:
+    return float(np.mean([len(set(users[i : i + block_rows])) for i in range(0, len(users), block_rows)]))
+
+
+def test_shuffled_blocks_mix_users_like_random_sampling(small_config):
+    _, paths = ingest_into(small_config)
+    objects = sinks.read_parquet(paths.objects)
+    users_store_order = objects["username"].to_numpy()
+    users_file_order = objects.sort_values("object_id")["username"].to_numpy()
+    rng = np.random.default_rng(123)
+    random_order = users_file_order[rng.permutation(len(users_file_order))]
+    block = 256
+    shuffled = users_per_block(users_store_order, block)
+    sequential = users_per_block(users_file_order, block)
+    random = users_per_block(random_order, block)
+    # Sequential blocks hold a handful of users; store blocks hold as many as a random sample.
+    assert sequential < 0.3 * random
+    assert shuffled == pytest.approx(random, rel=0.1)
+    # Also at the scale of one mini-batch inside a block.
+    assert users_per_block(users_store_order, 64) == pytest.approx(users_per_block(random_order, 64), rel=0.1)
+
+
+def test_selection_filters_rows_into_rejects(small_dataset, tmp_path):
+    csv = pd.read_csv(small_dataset.objects_csv)
+    tags = sorted(csv["tag"].unique())[:3]
+    cfg = config_for(small_dataset, tmp_path / "out", select={"tags": tags, "min_score": 0.5},
+                     train={"n_clusters": 5})  # fmt: skip
+    result, paths = ingest_into(cfg)
+    expected = csv[csv["tag"].isin(tags) & (csv["score"] >= 0.5)]
+    assert result.n_rows == len(expected)
+    objects = sinks.read_parquet(paths.objects)
+    assert sorted(objects["source_row"]) == expected.index.tolist()
+    rejects = sinks.read_parquet(paths.rejects)
+    assert len(rejects) + result.n_rows == len(csv)
+    assert set(rejects["reason"]) == {"not_selected:tag", "not_selected:score"}
