@@ -76,7 +76,8 @@ class TrainConfig(_Section):
     batch_size: PositiveInt = 4096
     epochs: PositiveInt = 2
     init_size: PositiveInt | None = None
-    refine_iterations: Annotated[int, Field(ge=0)] = 2
+    init_projection_dim: PositiveInt | None = 256
+    refine_iterations: Annotated[int, Field(ge=0)] = 0
     reassignment_ratio: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = 0
     blas_threads: PositiveInt | None = None

@@ -118,22 +118,11 @@ def inertia_of(block: np.ndarray, centres: np.ndarray, centre_sq_norms: np.ndarr
     return float(row_sq_norms(diff).sum(dtype=np.float64))
 
 
-def kmeans_plusplus(sample: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
-    """Greedy k-means++ seeding in float32 (scikit-learn's algorithm, without upcasting).
+def kmeans_plusplus_indices(sample: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """Rows chosen by greedy k-means++ (scikit-learn's algorithm, in float32).
 
     Each step draws ``2 + log(k)`` candidates in proportion to the squared distance to the
-    nearest chosen centre and keeps the one that lowers the potential most.
-
-    Parameters
-    ----------
-    sample : ndarray of shape (n_rows, n_features)
-        A random sample of the dataset (``n_rows >= n_clusters``).
-    n_clusters : int
-    seed : int
-
-    Returns
-    -------
-    centres : ndarray of shape (n_clusters, n_features), float32
+    nearest chosen row and keeps the one that lowers the potential most.
     """
     x = np.ascontiguousarray(sample, dtype=np.float32)
     n = len(x)
@@ -142,13 +131,12 @@ def kmeans_plusplus(sample: np.ndarray, n_clusters: int, seed: int) -> np.ndarra
     rng = np.random.default_rng(seed)
     trials = 2 + int(math.log(n_clusters))
     x_sq = row_sq_norms(x)
-    centres = np.empty((n_clusters, x.shape[1]), dtype=np.float32)
-    first = int(rng.integers(n))
-    centres[0] = x[first]
-    closest = np.maximum(x_sq - 2.0 * (x @ x[first]) + x_sq[first], 0.0)
+    chosen = np.empty(n_clusters, dtype=np.int64)
+    chosen[0] = int(rng.integers(n))
+    closest = np.maximum(x_sq - 2.0 * (x @ x[chosen[0]]) + x_sq[chosen[0]], 0.0)
     potential = float(closest.sum(dtype=np.float64))
     for c in range(1, n_clusters):
-        if potential <= 0.0:  # all rows coincide with chosen centres: pick uniformly
+        if potential <= 0.0:  # every row coincides with a chosen one: pick uniformly
             candidates = rng.integers(n, size=trials)
         else:
             cumulative = np.cumsum(closest, dtype=np.float64)
@@ -161,5 +149,46 @@ def kmeans_plusplus(sample: np.ndarray, n_clusters: int, seed: int) -> np.ndarra
         best = int(np.argmin(potentials))
         closest = dist[best]
         potential = float(potentials[best])
-        centres[c] = x[candidates[best]]
-    return centres
+        chosen[c] = candidates[best]
+    return chosen
+
+
+def principal_projection(sample: np.ndarray, n_components: int, seed: int) -> np.ndarray:
+    """Centred projection of ``sample`` onto its top ``n_components`` principal axes.
+
+    Randomized SVD (scikit-learn), float32 result of shape ``(n_rows, n_components)``.
+    """
+    from sklearn.utils.extmath import randomized_svd
+
+    x = np.asarray(sample, dtype=np.float32)
+    centred = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    _, _, components = randomized_svd(centred, n_components, n_iter=2, random_state=seed)
+    return centred @ components.T.astype(np.float32)
+
+
+def kmeans_plusplus(
+    sample: np.ndarray, n_clusters: int, seed: int, projection_dim: int | None = None
+) -> np.ndarray:
+    """k-means++ seeding on a sample; returns ``(n_clusters, n_features)`` float32 centres.
+
+    Seeding is memory-bound (one scan of the sample per centre), and its quality grows
+    with the sample (small clusters need rows in it to get a centre). With
+    ``projection_dim`` set below the feature count, candidate distances are computed on
+    the sample's top principal components: cluster structure lives there while the
+    dropped directions are mostly isotropic noise, so a 1,792 -> 256 projection makes
+    seeding ~7x cheaper at nearly the same quality, which pays for a larger sample.
+    The centres are always rows of the sample, in full dimension.
+
+    Parameters
+    ----------
+    sample : ndarray of shape (n_rows, n_features)
+        A random sample of the dataset (``n_rows >= n_clusters``).
+    n_clusters : int
+    seed : int
+    projection_dim : int, default=None
+    """
+    x = np.asarray(sample, dtype=np.float32)
+    seeding_space = x
+    if projection_dim is not None and projection_dim < min(x.shape):
+        seeding_space = principal_projection(x, projection_dim, seed)
+    return x[kmeans_plusplus_indices(seeding_space, n_clusters, seed)].copy()

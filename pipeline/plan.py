@@ -170,7 +170,7 @@ def plan_training(cfg: Config, n_rows: int, dim: int, chunk_rows: int) -> TrainP
             )
         )
     batch_size = min(cfg.train.batch_size, chunk_rows)
-    init_size = cfg.train.init_size or 3 * k
+    init_size = cfg.train.init_size or 32 * k
     init_size = min(max(init_size, k), n_rows)
     n_blocks = math.ceil(n_rows / chunk_rows)
     rng = np.random.default_rng(cfg.train.seed)

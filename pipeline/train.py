@@ -23,7 +23,7 @@ from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
 from . import kernels, store
-from .config import Config
+from .config import Config, TrainConfig
 from .plan import TrainPlan
 
 
@@ -45,18 +45,22 @@ def block_bounds(plan: TrainPlan, block: int) -> tuple[int, int]:
     return start, min(start + plan.chunk_rows, plan.n_rows)
 
 
-def init_model(url: str, plan: TrainPlan, reassignment_ratio: float, blas_threads: int) -> FittedModel:
+def init_model(
+    url: str, plan: TrainPlan, cfg: TrainConfig, blas_threads: int
+) -> FittedModel:
     """k-means++ on the store's first ``init_size`` rows (a uniform random sample)."""
     with threadpool_limits(blas_threads):
         sample = store.read_rows(url, 0, plan.init_size)
-        centres = kernels.kmeans_plusplus(sample, plan.n_clusters, plan.seed)
+        centres = kernels.kmeans_plusplus(
+            sample, plan.n_clusters, plan.seed, cfg.init_projection_dim
+        )
     estimator = MiniBatchKMeans(
         n_clusters=plan.n_clusters,
         init=centres,
         n_init=1,
         batch_size=plan.batch_size,
         random_state=plan.seed,
-        reassignment_ratio=reassignment_ratio,
+        reassignment_ratio=cfg.reassignment_ratio,
         compute_labels=False,
     )
     return FittedModel(estimator, [{"step": "init", "rows": plan.init_size}])
@@ -132,7 +136,7 @@ def fit_centroids(cfg: Config, plan: TrainPlan, store_url: str, blas_threads: in
         refinement tasks use one each, so they do not oversubscribe the cores). Part of
         the plan so a local and a distributed run compute identically.
     """
-    model = delayed(init_model, pure=True)(store_url, plan, cfg.train.reassignment_ratio, blas_threads)
+    model = delayed(init_model, pure=True)(store_url, plan, cfg.train, blas_threads)
     for order in plan.block_orders:
         for block in order:
             start, stop = block_bounds(plan, block)
