@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import Config
 from .errors import ConfigError, InputError, must_be
-from .store import filesystem, join
+from .store import is_local, join, parse_location
 
 STAGES: tuple[str, ...] = ("ingest", "train", "predict", "postprocess", "report")
 
@@ -44,11 +44,9 @@ class OutputPaths:
 
     @classmethod
     def from_config(cls, cfg: Config) -> OutputPaths:
-        root = cfg.output.dir.rstrip("/")
-        fs, _ = filesystem(root)
-        local = fs.protocol in ("file", "local") or "file" in fs.protocol
+        root = parse_location(cfg.output.dir).rstrip("/")
         staging = cfg.output.staging_dir or (
-            join(root, "_staging") if local else str(Path("work") / "staging")
+            join(root, "_staging") if is_local(root) else str(Path("work") / "staging")
         )
         stem = Path(cfg.output.csv_name).stem
         return cls(

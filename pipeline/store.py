@@ -36,6 +36,20 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def is_local(url: str) -> bool:
+    """True for plain paths and ``file://`` URLs."""
+    fs, _ = filesystem(url)
+    return "file" in fs.protocol or "local" in fs.protocol
+
+
+def parse_location(url: str) -> str:
+    """A plain path for local locations (``file:///x`` -> ``/x``); other URLs unchanged.
+
+    Local outputs then use the operating system's atomic rename and plain file APIs.
+    """
+    return filesystem(url)[1] if is_local(url) else url
+
+
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a local path or URL with ``/``."""
     return "/".join([url.rstrip("/"), *parts])

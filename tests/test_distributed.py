@@ -1,0 +1,123 @@
+"""Runs on a real dask cluster: a `dask scheduler` and `dask worker` processes started as
+subprocesses on 127.0.0.1, compared byte for byte with a local threaded run."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed import Client
+
+from pipeline.run import read_centres, run
+from pipeline.synthetic import make_demo_dataset
+from tests.conftest import config_for
+
+BIN = Path(sys.executable).parent
+
+
+def digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HandStartedCluster:
+    """A scheduler and ``n`` single-threaded workers, each its own OS process."""
+
+    def __init__(self, tmp: Path, n_workers: int = 2):
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        common = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
+        self.scheduler = subprocess.Popen(
+            [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", self.address.rsplit(":", 1)[1],
+             "--no-dashboard"], **common,
+        )  # fmt: skip
+        self.workers = [
+            subprocess.Popen(
+                [BIN / "dask", "worker", self.address, "--nthreads", "1", "--no-nanny",
+                 "--no-dashboard", "--memory-limit", "0", "--local-directory", str(tmp / f"w{i}")],
+                **common,
+            )  # fmt: skip
+            for i in range(n_workers)
+        ]
+        with Client(self.address, timeout="30s") as client:
+            client.wait_for_workers(n_workers, timeout=60)
+
+    def close(self) -> None:
+        for proc in [*self.workers, self.scheduler]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [*self.workers, self.scheduler]:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """6,000 objects x 64 dims in 47 blocks: enough tasks that a worker dies mid-stage."""
+    return make_demo_dataset(tmp_path_factory.mktemp("dist"), n_objects=6000, dim=64, n_true_clusters=30, seed=3)
+
+
+def cfg_for(dataset, out, **executor):
+    return config_for(
+        dataset, out, ingest={"chunk_rows": 128}, train={"n_clusters": 30, "batch_size": 128},
+        executor={"progress": False, **executor},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def local_run(dataset, tmp_path_factory):
+    return run(cfg_for(dataset, tmp_path_factory.mktemp("local") / "out"))
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = HandStartedCluster(tmp_path)
+    yield c
+    c.close()
+
+
+def test_run_against_hand_started_scheduler_equals_local(dataset, local_run, cluster, tmp_path):
+    result = run(cfg_for(dataset, tmp_path / "out", scheduler=cluster.address))
+    assert digest(result.paths.clusters_csv) == digest(local_run.paths.clusters_csv)
+    np.testing.assert_array_equal(read_centres(result.paths.model), read_centres(local_run.paths.model))
+
+
+@pytest.mark.parametrize("stage_output", ["assignments.parquet", "postprocessed.parquet"])
+def test_worker_killed_mid_stage_gives_the_same_output(dataset, local_run, cluster, tmp_path, stage_output):
+    out = tmp_path / "out"
+    victim = cluster.workers[0]
+    killed = threading.Event()
+
+    def kill_when_parts_appear() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed.is_set():
+            parts = glob.glob(str(out / f"{stage_output}.tmp-*" / "part-*.parquet"))
+            if len(parts) >= 3:
+                os.kill(victim.pid, signal.SIGKILL)
+                killed.set()
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=kill_when_parts_appear, daemon=True)
+    watcher.start()
+    result = run(cfg_for(dataset, out, scheduler=cluster.address))
+    watcher.join(timeout=1)
+    assert killed.is_set(), "the worker was not killed during the stage"
+    assert victim.wait(timeout=10) == -signal.SIGKILL
+    assert digest(result.paths.clusters_csv) == digest(local_run.paths.clusters_csv)
