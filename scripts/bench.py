@@ -1,0 +1,337 @@
+"""Benchmark: our pipeline against the write-up's method, faiss and scikit-learn KMeans.
+
+Generates (once, seeded) a dataset shaped like the real one at ``--rows`` x ``--dim``, then
+runs each method in its own subprocess on the same data, several times, and prints one
+table: wall seconds per stage (medians), peak private memory (RssAnon of the process,
+sampled from /proc: page cache of the store is not the program's memory), inertia on the
+full data over full-batch KMeans' inertia, ARI/NMI against the generator's true clusters,
+the share of objects with cosine similarity above 0.7, and time ratios against the
+write-up's method. It also prints the machine's bound for one assignment pass.
+
+    scripts/bench --rows 61751                 # the write-up's scale (with sklearn KMeans)
+    scripts/bench --rows 1000000 --methods writeup,ours
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("read_files", "writeup", "writeup3", "ours", "faiss", "sklearn")
+LABELS = {
+    "read_files": "read the .npy files once",
+    "writeup": "write-up: memmap, file order, 1 pass",
+    "writeup3": "write-up: same, 3 passes",
+    "ours": "ours (pipeline run)",
+    "faiss": "faiss Kmeans, 20 iter",
+    "sklearn": "sklearn KMeans, 20 iter",
+}
+
+
+# --------------------------------------------------------------------------- workers
+# Each runs in a fresh interpreter so its peak private memory is its own.
+
+
+def _save(out: Path, timings: dict, centres: np.ndarray, labels_csv_order: np.ndarray, sims: np.ndarray) -> None:
+    np.save(out / "centres.npy", centres.astype(np.float32))
+    np.save(out / "labels.npy", labels_csv_order.astype(np.int64))
+    np.save(out / "sims.npy", sims.astype(np.float32))
+    (out / "timings.json").write_text(json.dumps(timings))
+
+
+def _memmap(data: Path) -> np.ndarray:
+    meta = json.loads((data / "memmap.json").read_text())
+    return np.memmap(data / "embeddings.f32", dtype=np.float32, mode="r", shape=(meta["rows"], meta["dim"]))
+
+
+def _batched_predict(x: np.ndarray, centres: np.ndarray, predict, batch: int = 1024):
+    """What a user writes after the write-up: predict per batch, then distance and cosine."""
+    labels, sims = [], []
+    for s in range(0, len(x), batch):
+        b = np.asarray(x[s : s + batch])
+        lab = predict(b)
+        c = centres[lab]
+        _dist = np.linalg.norm(b - c, axis=1)
+        sims.append((b * c).sum(1) / (np.linalg.norm(b, axis=1) * np.linalg.norm(c, axis=1)))
+        labels.append(lab)
+    return np.concatenate(labels), np.concatenate(sims)
+
+
+def worker_read_files(data: Path, out: Path, args) -> None:
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(data / "ins_posts_object_tags_cleaned.csv", convert_options=pacsv.ConvertOptions(
+        include_columns=["username", "image_name"]))  # fmt: skip
+    t = time.perf_counter()
+    seen = set()
+    total = 0
+    for user, image in zip(table["username"].to_pylist(), table["image_name"].to_pylist(), strict=True):
+        if (user, image) in seen:
+            continue
+        seen.add((user, image))
+        total += np.load(data / "ins_posts" / user / "embeddings" / f"{image}.npy").shape[0]
+    (out / "timings.json").write_text(json.dumps({"read": time.perf_counter() - t, "rows": total}))
+
+
+def worker_writeup(data: Path, out: Path, args, passes: int = 1) -> None:
+    from sklearn.cluster import MiniBatchKMeans
+
+    x = _memmap(data)
+    t = time.perf_counter()
+    model = MiniBatchKMeans(n_clusters=args.k, random_state=args.seed)
+    for _ in range(passes):
+        for s in range(0, len(x), 1024):
+            model.partial_fit(x[s : s + 1024])
+    fit = time.perf_counter() - t
+    t = time.perf_counter()
+    labels, sims = _batched_predict(x, model.cluster_centers_, model.predict)
+    predict = time.perf_counter() - t
+    _save(out, {"fit": fit, "predict": predict}, model.cluster_centers_, labels, sims)
+
+
+def worker_ours(data: Path, out: Path, args) -> None:
+    from pipeline import sinks
+    from pipeline.config import Config
+    from pipeline.run import read_centres, run
+
+    cfg = Config.model_validate(
+        {
+            "input": {"objects_csv": str(data / "ins_posts_object_tags_cleaned.csv"),
+                      "embeddings_root": str(data / "ins_posts")},
+            "train": {"n_clusters": args.k, "seed": args.seed},
+            "output": {"dir": str(out / "run")},
+            "executor": {"progress": False},
+        }
+    )  # fmt: skip
+    result = run(cfg, force=True)
+    timings = {("fit" if k == "train" else k): v for k, v in result.timings.items()}
+    table = sinks.read_parquet(result.paths.assignments, columns=["source_row", "cluster", "sim"])
+    table = table.sort_values("source_row")
+    _save(out, timings, read_centres(result.paths.model), table["cluster"].to_numpy(), table["sim"].to_numpy())
+
+
+def worker_faiss(data: Path, out: Path, args) -> None:
+    import faiss
+
+    t = time.perf_counter()
+    x = np.array(_memmap(data))
+    load = time.perf_counter() - t
+    t = time.perf_counter()
+    km = faiss.Kmeans(x.shape[1], args.k, niter=20, seed=args.seed, verbose=False)
+    km.train(x)
+    fit = time.perf_counter() - t
+    t = time.perf_counter()
+    labels, sims = _batched_predict(x, km.centroids, lambda b: km.index.search(b, 1)[1][:, 0], batch=8192)
+    predict = time.perf_counter() - t
+    _save(out, {"load": load, "fit": fit, "predict": predict}, km.centroids, labels, sims)
+
+
+def worker_sklearn(data: Path, out: Path, args) -> None:
+    from sklearn.cluster import KMeans
+
+    t = time.perf_counter()
+    x = np.array(_memmap(data))
+    load = time.perf_counter() - t
+    t = time.perf_counter()
+    km = KMeans(n_clusters=args.k, n_init=1, max_iter=20, random_state=args.seed).fit(x)
+    fit = time.perf_counter() - t
+    t = time.perf_counter()
+    labels, sims = _batched_predict(x, km.cluster_centers_, km.predict, batch=8192)
+    predict = time.perf_counter() - t
+    _save(out, {"load": load, "fit": fit, "predict": predict}, km.cluster_centers_, labels, sims)
+
+
+WORKERS = {
+    "read_files": worker_read_files,
+    "writeup": lambda d, o, a: worker_writeup(d, o, a, 1),
+    "writeup3": lambda d, o, a: worker_writeup(d, o, a, 3),
+    "ours": worker_ours,
+    "faiss": worker_faiss,
+    "sklearn": worker_sklearn,
+}
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def rss_anon_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_worker(method: str, data: Path, out: Path, args) -> tuple[dict, float]:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--worker", method, "--data", str(data), "--out", str(out),
+           "--k", str(args.k), "--seed", str(args.seed)]  # fmt: skip
+    proc = subprocess.Popen(cmd)
+    peak = 0.0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, rss_anon_mib(proc.pid))
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.02)
+    if proc.wait() != 0:
+        raise SystemExit(f"benchmark worker {method} failed")
+    return json.loads((out / "timings.json").read_text()), peak
+
+
+def prepare_data(args) -> Path:
+    """Generate the dataset and the write-up's memmap (CSV order) once per size."""
+    from pipeline.config import Config
+    from pipeline.ingest import ingest
+    from pipeline.plan import OutputPaths
+    from pipeline.synthetic import make_demo_dataset
+
+    data = Path(args.root) / f"rows{args.rows}-d{args.dim}-k{args.true_k}-s{args.seed}"
+    if not (data / "truth.parquet").exists():
+        print(f"generating {args.rows:,} x {args.dim} under {data} ...", flush=True)
+        make_demo_dataset(data, args.rows, args.dim, args.true_k, seed=args.seed)
+    if not (data / "memmap.json").exists():
+        # The write-up's memmap: every object's vector appended in CSV order.
+        cfg = Config.model_validate({
+            "input": {"objects_csv": str(data / "ins_posts_object_tags_cleaned.csv"),
+                      "embeddings_root": str(data / "ins_posts")},
+            "ingest": {"keep_memmap": True},
+            "output": {"dir": str(data / "_ingest"), "staging_dir": str(data)},
+            "executor": {"progress": False},
+        })  # fmt: skip
+        result = ingest(cfg, OutputPaths.from_config(cfg), progress=True)
+        shutil.rmtree(data / "_ingest")
+        (data / "memmap.json").write_text(json.dumps({"rows": result.n_rows, "dim": result.dim}))
+    return data
+
+
+def gemm_rate_gflops(dim: int, k: int) -> float:
+    """Measured float32 matrix-product rate for (8192 x dim) @ (dim x k), all cores."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((8192, dim), dtype=np.float32)
+    b = rng.standard_normal((dim, k), dtype=np.float32)
+    a @ b
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        times.append((time.perf_counter() - t) / 5)
+    return 2 * 8192 * dim * k / statistics.median(times) / 1e9
+
+
+def quality(data: Path, out: Path, k: int) -> dict:
+    import pyarrow.parquet as pq
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from pipeline import kernels
+
+    x = _memmap(data)
+    centres = np.load(out / "centres.npy")
+    norms = kernels.row_sq_norms(centres)
+    inertia = sum(kernels.inertia_of(np.asarray(x[s : s + 16384]), centres, norms) for s in range(0, len(x), 16384))
+    labels = np.load(out / "labels.npy")
+    truth = pq.read_table(data / "truth.parquet").column("true_cluster").to_numpy()
+    sims = np.load(out / "sims.npy")
+    return {
+        "inertia": inertia,
+        "ari": adjusted_rand_score(truth, labels),
+        "nmi": normalized_mutual_info_score(truth, labels),
+        "sim_share": float((sims > 0.7).mean()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=61_751)
+    parser.add_argument("--dim", type=int, default=1792)
+    parser.add_argument("--k", type=int, default=600, help="n_clusters of every method")
+    parser.add_argument("--true-k", type=int, default=600, help="clusters the data is drawn around")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per method (medians are shown)")
+    parser.add_argument("--methods", default="read_files,writeup,writeup3,ours,faiss,sklearn")
+    parser.add_argument("--root", default=str(ROOT / "bench"), help="where data and runs go (git-ignored)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        WORKERS[args.worker](Path(args.data), Path(args.out), args)
+        return
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    data = prepare_data(args)
+    rate = gemm_rate_gflops(args.dim, args.k)
+    pass_flop = 2 * args.rows * args.k * args.dim
+    print(f"\nmachine: {os.cpu_count()} cores; float32 GEMM {rate:.0f} GFLOP/s; one assignment pass "
+          f"= {pass_flop / 1e9:.1f} GFLOP = {pass_flop / 1e9 / rate:.2f} s at that rate\n", flush=True)  # fmt: skip
+
+    rows = {}
+    for method in methods:
+        repeats = 1 if method in ("sklearn",) else args.repeats
+        runs = []
+        for r in range(repeats):
+            timings, peak = run_worker(method, data, Path(args.root) / "runs" / method / str(r), args)
+            runs.append((timings, peak))
+            print(f"  {method} run {r + 1}/{repeats}: {json.dumps({k: round(v, 2) for k, v in timings.items()})} "
+                  f"peak {peak:.0f} MiB", flush=True)  # fmt: skip
+        keys = runs[0][0].keys()
+        med = {key: statistics.median(t[key] for t, _ in runs) for key in keys}
+        peak = statistics.median(p for _, p in runs)
+        q = quality(data, Path(args.root) / "runs" / method / "0", args.k) if method != "read_files" else {}
+        rows[method] = {"t": med, "peak": peak, **q}
+
+    print_table(rows, args, rate, pass_flop)
+
+
+def print_table(rows: dict, args, rate: float, pass_flop: float) -> None:
+    ref_inertia = rows.get("sklearn", {}).get("inertia")
+    base = rows.get("writeup")
+    base_fp = base["t"]["fit"] + base["t"]["predict"] if base else None
+    header = ("method", "ingest s", "fit s", "predict s", "post+out s", "fit+pred s", "vs write-up",
+              "x bound", "peak MiB", "inertia/KMeans", "ARI", "NMI", "sim>0.7")  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, row in rows.items():
+        t = row["t"]
+        if method == "read_files":
+            lines.append(f"| {LABELS[method]} | {t['read']:.2f} | | | | | | | {row['peak']:.0f} | | | | |")
+            continue
+        fp = t["fit"] + t["predict"]
+        passes = {"writeup": 2, "writeup3": 4, "ours": 3, "faiss": 21, "sklearn": 21}[method]
+        bound = passes * pass_flop / 1e9 / rate
+        post = t.get("postprocess", 0) + t.get("report", 0)
+        ratio = f"{row['inertia'] / ref_inertia:.3f}" if ref_inertia else f"{row['inertia']:.4g}"
+        lines.append(
+            f"| {LABELS[method]} | {t.get('ingest', t.get('load', 0)):.2f} | {t['fit']:.2f} | {t['predict']:.2f} | "
+            f"{post:.2f} | {fp:.2f} | {fp / base_fp if base_fp else float('nan'):.2f}x | {fp / bound:.1f}x | "
+            f"{row['peak']:.0f} | {ratio} | {row['ari']:.3f} | {row['nmi']:.3f} | {row['sim_share']:.3f} |"
+        )
+    text = "\n".join(lines)
+    notes = (f"\n{args.rows:,} rows x {args.dim} dims, k = {args.k}; medians of {args.repeats} runs "
+             f"(sklearn: 1). 'x bound': fit+predict over the time of the passes made at the measured "
+             f"GEMM rate ({rate:.0f} GFLOP/s). ingest column: ours = per-image files -> memmap + Zarr; "
+             f"faiss/sklearn = loading the matrix into RAM. Inertia is "
+             f"{'relative to sklearn KMeans' if ref_inertia else 'absolute (no sklearn run)'}.")  # fmt: skip
+    print("\n" + text + notes)
+    out = Path(args.root) / f"results-{args.rows}.md"
+    out.write_text(text + "\n" + notes + "\n")
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
