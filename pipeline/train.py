@@ -75,7 +75,7 @@ def partial_fit_block(
     """
     model = copy.deepcopy(model)
     with threadpool_limits(blas_threads):
-        block = store.read_rows(url, start, stop)
+        block = store.read_rows_reusing_buffer(url, start, stop)
         for offset in range(0, len(block), batch_size):
             model.estimator.partial_fit(block[offset : offset + batch_size])
     return model
@@ -86,7 +86,7 @@ def block_cluster_sums(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Read one block and return its Lloyd statistics (sums, counts, inertia)."""
     with threadpool_limits(blas_threads):
-        block = store.read_rows(url, start, stop)
+        block = store.read_rows_reusing_buffer(url, start, stop)
         return kernels.cluster_sums(block, centres, kernels.row_sq_norms(centres))
 
 
