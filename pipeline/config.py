@@ -73,8 +73,8 @@ class TrainConfig(_Section):
 
     n_clusters: PositiveInt | Literal["auto"] = 600
     target_cluster_size: PositiveInt = 100
-    batch_size: PositiveInt = 4096
-    epochs: PositiveInt = 2
+    batch_size: PositiveInt = 8192
+    epochs: PositiveInt = 1
     init_size: PositiveInt | None = None
     init_projection_dim: PositiveInt | None = 256
     refine_iterations: Annotated[int, Field(ge=0)] = 0
