@@ -1,8 +1,9 @@
 """Stage 3: assign every stored row to its nearest centre, in parallel over store blocks.
 
-``map_blocks`` runs :func:`pipeline.kernels.assign_block` on each Zarr chunk (one matrix
-product per block, float32); each block's records are then attached to the matching part
-of the row-aligned objects table. Returns a lazy dask DataFrame, one partition per block.
+``map_blocks`` over the store's row chunks runs :func:`pipeline.kernels.assign_block` on
+each Zarr chunk (one matrix product per block, float32); each block's records are then
+attached to the matching part of the row-aligned objects table. Returns a lazy dask
+DataFrame, one partition per block.
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ from threadpoolctl import threadpool_limits
 from . import kernels, schema, sinks, store
 
 
-def assign_block_single_threaded(
-    block: np.ndarray, centres: np.ndarray, centre_sq_norms: np.ndarray
+def assign_store_block(
+    url: str, centres: np.ndarray, centre_sq_norms: np.ndarray, block_info: dict | None = None
 ) -> np.ndarray:
-    """:func:`kernels.assign_block` with one BLAS thread: the parallelism is across blocks."""
+    """Read one store block and assign its rows (one BLAS thread: blocks run in parallel).
+
+    The block is read into this thread's reused buffer (no page faults on a fresh array)
+    and only the small records leave the task.
+    """
+    start, stop = block_info[None]["array-location"][0]
     with threadpool_limits(1):
+        block = store.read_rows_reusing_buffer(url, start, stop)
         return kernels.assign_block(block, centres, centre_sq_norms)
 
 
@@ -50,14 +57,12 @@ def assign_clusters(store_url: str, objects_url: str, centres: np.ndarray) -> dd
     """
     vectors = store.vectors_array(store_url)
     centres = np.ascontiguousarray(centres, dtype=np.float32)
-    centres_d = delayed(centres, pure=True)
-    norms_d = delayed(kernels.row_sq_norms(centres), pure=True)
     records = da.map_blocks(
-        assign_block_single_threaded,
-        vectors,
-        centres_d,
-        norms_d,
-        drop_axis=1,
+        assign_store_block,
+        store_url,
+        delayed(centres, pure=True),
+        delayed(kernels.row_sq_norms(centres), pure=True),
+        chunks=(vectors.chunks[0],),
         dtype=schema.ASSIGNMENT_DTYPE,
         meta=np.empty((0,), dtype=schema.ASSIGNMENT_DTYPE),
     )
