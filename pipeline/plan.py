@@ -34,6 +34,7 @@ class OutputPaths:
     ingest_summary: str
     model: str
     assignments: str
+    postprocessed: str
     clusters_parquet: str
     clusters_csv: str
     cluster_summary: str
@@ -59,6 +60,7 @@ class OutputPaths:
             ingest_summary=join(root, "ingest.json"),
             model=join(root, "model"),
             assignments=join(root, "assignments.parquet"),
+            postprocessed=join(root, "postprocessed.parquet"),
             clusters_parquet=join(root, f"{stem}.parquet"),
             clusters_csv=join(root, cfg.output.csv_name),
             cluster_summary=join(root, "cluster_summary.parquet"),

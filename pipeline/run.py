@@ -21,6 +21,7 @@ import dask.dataframe as dd
 import joblib
 import numpy as np
 import pandas as pd
+from dask import delayed
 
 from . import ingest as ingest_stage
 from . import postprocess as postprocess_stage
@@ -174,24 +175,31 @@ def run_predict(cfg: Config, paths: OutputPaths, ex: Executor) -> None:
 
 def run_postprocess(cfg: Config, paths: OutputPaths, ex: Executor) -> pd.DataFrame:
     n_clusters = len(read_centres(paths.model))
+    keys = dd.read_parquet(paths.assignments, columns=postprocess_stage.key_columns(cfg.postprocess))
+    statuses = ex.compute(
+        postprocess_stage.apply_postprocessing(cfg.postprocess, keys)[[schema.OBJECT_ID, schema.STATUS]],
+        desc="postprocess",
+    )
+    codes = delayed(postprocess_stage.status_codes_by_object(statuses), pure=True)
     assignments = dd.read_parquet(paths.assignments)
-    labelled = postprocess_stage.apply_postprocessing(cfg.postprocess, assignments)
-    metadata = run_metadata(cfg, {"n_clusters": n_clusters})
-    postprocessed_url = store.join(paths.root, "postprocessed.parquet")
-    sinks.write_parquet_dataset(
-        labelled, postprocessed_url, schema.ASSIGNMENTS_SCHEMA, metadata,
-        compute=lambda graph: ex.compute(graph, desc="postprocess"),
+    labelled = assignments.map_partitions(
+        postprocess_stage.attach_status, codes,
+        meta=postprocess_stage.attach_status(assignments._meta, np.zeros(0, np.int8)),
     )  # fmt: skip
-    columns = [schema.OBJECT_ID, "cluster", "sim", "dist", "tag", schema.STATUS]
-    table = sinks.read_parquet(postprocessed_url, columns=columns)
-    kept = sinks.read_parquet(postprocessed_url)
-    kept = kept[kept[schema.STATUS] == schema.STATUS_KEPT]
+    metadata = run_metadata(cfg, {"n_clusters": n_clusters})
+    sinks.write_parquet_dataset(
+        labelled, paths.postprocessed, schema.ASSIGNMENTS_SCHEMA, metadata,
+        compute=lambda graph: ex.compute(graph, desc="postprocessed table"),
+    )  # fmt: skip
+    kept = sinks.read_parquet(paths.postprocessed, filters=[(schema.STATUS, "==", schema.STATUS_KEPT)])
     kept = kept.sort_values(["cluster", "sim", schema.OBJECT_ID], ascending=[True, False, True])
     sinks.write_csv(kept, paths.clusters_csv, schema.OUTPUT_CSV_FIELDS, schema.CLUSTERS_SCHEMA)
     sinks.write_parquet(
         kept[[*schema.CLUSTERS_SCHEMA.names, schema.OBJECT_ID, schema.SOURCE_ROW]],
         paths.clusters_parquet, schema.CLUSTERS_SCHEMA, metadata,
     )  # fmt: skip
+    del kept
+    table = sinks.read_parquet(paths.postprocessed, columns=list(summarize.SUMMARY_COLUMNS))
     summary = summarize.cluster_summary(table, n_clusters)
     sinks.write_parquet(summary, paths.cluster_summary, schema.CLUSTER_SUMMARY_SCHEMA, metadata)
     info = sinks.read_json(paths.ingest_summary)

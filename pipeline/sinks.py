@@ -91,10 +91,13 @@ def write_parquet_dataset(
     return result
 
 
-def read_parquet(url: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a Parquet file or folder into pandas (small tables only)."""
+def read_parquet(
+    url: str, columns: list[str] | None = None, filters: list[tuple] | None = None
+) -> pd.DataFrame:
+    """Read a Parquet file or folder into pandas (small tables only); ``filters`` are
+    pyarrow row filters such as ``[("cluster", "in", [3, 17])]``."""
     fs, path = filesystem(url)
-    return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()
+    return pq.read_table(path, filesystem=fs, columns=columns, filters=filters).to_pandas()
 
 
 def read_run_metadata(url: str) -> dict[str, Any]:

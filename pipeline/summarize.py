@@ -12,6 +12,8 @@ import pandas as pd
 
 from . import schema
 
+#: Columns of the post-processed table the summary tables need.
+SUMMARY_COLUMNS = ("object_id", "cluster", "sim", "dist", "tag", "status")
 CSV_REJECTS = ("missing_key", "bad_score", "bad_idx", "bad_bbox", "duplicate_object")
 
 

@@ -39,7 +39,7 @@ def test_csv_has_exactly_the_write_up_fields(finished_run):
 
 def test_funnel_follows_from_the_assignment_table(finished_run):
     cfg, result = finished_run
-    labelled = sinks.read_parquet(f"{result.paths.root}/postprocessed.parquet")
+    labelled = sinks.read_parquet(result.paths.postprocessed)
     assignments = sinks.read_parquet(result.paths.assignments)
     funnel = sinks.read_parquet(result.paths.funnel)
     assert len(labelled) == len(assignments) == 2000
