@@ -153,21 +153,23 @@ def kmeans_plusplus_indices(sample: np.ndarray, n_clusters: int, seed: int) -> n
     return chosen
 
 
-def principal_projection(sample: np.ndarray, n_components: int, seed: int) -> np.ndarray:
-    """Centred projection of ``sample`` onto its top ``n_components`` principal axes.
+def principal_projection(centred: np.ndarray, n_components: int, seed: int) -> np.ndarray:
+    """Projection of centred rows onto their top ``n_components`` principal axes.
 
-    Randomized SVD (scikit-learn), float32 result of shape ``(n_rows, n_components)``.
+    Randomized SVD (scikit-learn); float32 result of shape ``(n_rows, n_components)``.
     """
     from sklearn.utils.extmath import randomized_svd
 
-    x = np.asarray(sample, dtype=np.float32)
-    centred = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)
     _, _, components = randomized_svd(centred, n_components, n_iter=2, random_state=seed)
     return centred @ components.T.astype(np.float32)
 
 
 def kmeans_plusplus(
-    sample: np.ndarray, n_clusters: int, seed: int, projection_dim: int | None = None
+    sample: np.ndarray,
+    n_clusters: int,
+    seed: int,
+    projection_dim: int | None = None,
+    overwrite_sample: bool = False,
 ) -> np.ndarray:
     """k-means++ seeding on a sample; returns ``(n_clusters, n_features)`` float32 centres.
 
@@ -186,9 +188,14 @@ def kmeans_plusplus(
     n_clusters : int
     seed : int
     projection_dim : int, default=None
+    overwrite_sample : bool, default=False
+        Centre a float32 ``sample`` in place instead of copying it (as scipy's
+        ``overwrite_a``): saves one sample-sized array; the sample is garbage afterwards.
     """
     x = np.asarray(sample, dtype=np.float32)
-    seeding_space = x
-    if projection_dim is not None and projection_dim < min(x.shape):
-        seeding_space = principal_projection(x, projection_dim, seed)
-    return x[kmeans_plusplus_indices(seeding_space, n_clusters, seed)].copy()
+    if projection_dim is None or projection_dim >= min(x.shape):
+        return x[kmeans_plusplus_indices(x, n_clusters, seed)].copy()
+    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    centred = np.subtract(x, mean, out=x if overwrite_sample and x is sample else None)
+    chosen = kmeans_plusplus_indices(principal_projection(centred, projection_dim, seed), n_clusters, seed)
+    return centred[chosen] + mean

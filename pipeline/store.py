@@ -155,9 +155,23 @@ def object_ids_array(url: str) -> da.Array:
     return da.from_zarr(url, component=OBJECT_IDS)
 
 
-def read_rows(url: str, start: int, stop: int) -> np.ndarray:
-    """Read rows ``[start, stop)`` of the vectors (one or a few whole chunks)."""
-    return zarr.open_array(url, path=VECTORS, mode="r")[start:stop]
+def read_rows(url: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Read rows ``[start, stop)`` of the vectors, one chunk at a time into ``out``.
+
+    Going chunk by chunk keeps only one chunk's encoded bytes in memory besides the result
+    (zarr would otherwise fetch every chunk of a multi-chunk read at once).
+    """
+    array = zarr.open_array(url, path=VECTORS, mode="r")
+    if out is None:
+        out = np.empty((stop - start, array.shape[1]), dtype=array.dtype)
+    chunk_rows = array.chunks[0]
+    first = start
+    while first < stop:
+        last = min(stop, (first // chunk_rows + 1) * chunk_rows)
+        target = NDBuffer.from_numpy_array(out[first - start : last - start])
+        array.get_basic_selection((slice(first, last), slice(None)), out=target)
+        first = last
+    return out
 
 
 _reusable = threading.local()
@@ -170,11 +184,8 @@ def read_rows_reusing_buffer(url: str, start: int, stop: int) -> np.ndarray:
     the read itself); reusing one buffer per thread avoids them. The result is only valid
     until this thread's next call: use it inside one task, never return it.
     """
-    array = zarr.open_array(url, path=VECTORS, mode="r")
-    shape = (stop - start, array.shape[1])
+    dim = zarr.open_array(url, path=VECTORS, mode="r").shape[1]
     buffer = getattr(_reusable, "buffer", None)
-    if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1] != shape[1]:
-        buffer = _reusable.buffer = np.empty(shape, dtype=np.float32)
-    out = buffer[: shape[0]]
-    array.get_basic_selection((slice(start, stop), slice(None)), out=NDBuffer.from_numpy_array(out))
-    return out
+    if buffer is None or buffer.shape[0] < stop - start or buffer.shape[1] != dim:
+        buffer = _reusable.buffer = np.empty((stop - start, dim), dtype=np.float32)
+    return read_rows(url, start, stop, out=buffer[: stop - start])

@@ -52,8 +52,9 @@ def init_model(
     with threadpool_limits(blas_threads):
         sample = store.read_rows(url, 0, plan.init_size)
         centres = kernels.kmeans_plusplus(
-            sample, plan.n_clusters, plan.seed, cfg.init_projection_dim
+            sample, plan.n_clusters, plan.seed, cfg.init_projection_dim, overwrite_sample=True
         )
+        del sample
     estimator = MiniBatchKMeans(
         n_clusters=plan.n_clusters,
         init=centres,
