@@ -82,7 +82,12 @@ def atomic_path(url: str) -> Iterator[str]:
         raise
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    fs.mv(tmp_path, path, recursive=fs.isdir(tmp_path))
+    if fs.isdir(tmp_path) and not is_local(url):
+        # Object stores have no rename: copy the prefix, then delete the temporary one.
+        fs.copy(tmp_path.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+        fs.rm(tmp_path, recursive=True)
+    else:
+        fs.mv(tmp_path, path, recursive=fs.isdir(tmp_path))
 
 
 def remove_stale_temporaries(url: str) -> None:
