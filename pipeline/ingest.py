@@ -16,10 +16,13 @@ import csv
 import json
 import math
 import os
+import string
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -51,6 +54,7 @@ REJECT_REASONS = (
     "zero_vector",
 )
 _FILES_PER_TASK = 64
+_DIM_SAMPLE_FILES = 200  # files whose width votes for the dimension
 _COPY_BYTES = 32 << 20  # rows copied per step from a single matrix file
 
 
@@ -71,6 +75,47 @@ class IngestResult:
 
 # --------------------------------------------------------------------------- CSV
 
+#: Columns the pipeline adds to its tables: an input column of that name would clash.
+RESERVED_COLUMNS = (
+    schema.OBJECT_ID,
+    schema.SOURCE_ROW,
+    schema.STATUS,
+    *(f.name for f in schema.ASSIGNMENT_FIELDS),
+)
+_OBJECT_KEY = ["username", "image_name", "idx"]
+_MAX_IDX = 2**53  # larger values do not survive the float parse exactly
+_BBOX_RULE = "a JSON list [x1, y1, x2, y2] of finite numbers with x1 <= x2 and y1 <= y2"
+
+
+def clip(text: str, limit: int = 60) -> str:
+    """Shorten a bad value for a one-line message.
+
+    >>> clip("x" * 100, 10)
+    'xxxxxxx...'
+    """
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_malformed_row(path: Path) -> pacsv.InvalidRow | None:
+    """Re-read the file single-threaded to find the first row with the wrong field count
+    (only then does pyarrow know its line number); called only once reading failed."""
+    found: list[pacsv.InvalidRow] = []
+
+    def keep(row: pacsv.InvalidRow) -> str:
+        found.append(row)
+        return "error"
+
+    try:
+        pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(use_threads=False),
+            parse_options=pacsv.ParseOptions(newlines_in_values=False, invalid_row_handler=keep),
+            convert_options=pacsv.ConvertOptions(check_utf8=False),
+        )
+    except pa.ArrowException:
+        pass
+    return found[0] if found else None
+
 
 def read_objects_csv(path: str) -> pd.DataFrame:
     """Read the objects CSV with every column as text (values are checked afterwards).
@@ -83,7 +128,7 @@ def read_objects_csv(path: str) -> pd.DataFrame:
     if p.stat().st_size == 0:
         raise InputError(f"Objects CSV {path} is empty. It needs a header and one row per object.")
     try:
-        with p.open(newline="", encoding="utf-8") as handle:
+        with p.open(newline="", encoding="utf-8-sig") as handle:
             header = next(csv.reader(handle), [])
     except (UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"Objects CSV {path}: the header cannot be read ({exc}).") from None
@@ -91,11 +136,18 @@ def read_objects_csv(path: str) -> pd.DataFrame:
     if missing:
         raise InputError(
             f"Objects CSV {path} is missing required column(s) {missing}. "
-            f"Required: {list(schema.REQUIRED_INPUT_COLUMNS)}; found: {header}."
+            f"Required: {list(schema.REQUIRED_INPUT_COLUMNS)}; "
+            f"found: {[clip(c) for c in header[:20]]}."
         )
     if len(set(header)) != len(header):
         dupes = sorted({c for c in header if header.count(c) > 1})
-        raise InputError(f"Objects CSV {path} has duplicate column name(s) {dupes}.")
+        raise InputError(f"Objects CSV {path} has duplicate column name(s) {dupes}. Rename them.")
+    reserved = [c for c in header if c in RESERVED_COLUMNS]
+    if reserved:
+        raise InputError(
+            f"Objects CSV {path} has column(s) {reserved}, which the pipeline adds to its "
+            "outputs. Rename or drop them."
+        )
     try:
         table = pacsv.read_csv(
             p,
@@ -106,64 +158,93 @@ def read_objects_csv(path: str) -> pd.DataFrame:
                 quoted_strings_can_be_null=False,
             ),
         )
-    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise InputError(f"Objects CSV {path} cannot be parsed: {first}") from None
+    except pa.ArrowException as exc:
+        row = _first_malformed_row(p)
+        if row is not None:
+            raise InputError(
+                f"Objects CSV {path} line {row.number} must have {row.expected_columns} fields "
+                f"like the header. Got {row.actual_columns} ({clip(row.text)!r}) instead. "
+                "Fix or remove that line."
+            ) from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"Objects CSV {path} cannot be parsed: {clip(first, 200)}") from None
+    if table.column_names != header:
+        raise InputError(
+            f"Objects CSV {path}: the header cannot be read consistently "
+            f"(found {[clip(c) for c in table.column_names[:20]]}). Check its quoting."
+        )
     if table.num_rows == 0:
         raise InputError(f"Objects CSV {path} has a header but no rows.")
     return table.to_pandas()
 
 
-def _parse_bbox(text: str) -> bool:
+def _is_bbox(text: str) -> bool:
     try:
         box = json.loads(text)
-    except (ValueError, TypeError):
+        if not isinstance(box, list) or len(box) != 4 or any(isinstance(v, bool) for v in box):
+            return False
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (ValueError, TypeError, OverflowError, RecursionError):
         return False
-    if not isinstance(box, list) or len(box) != 4:
-        return False
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
-        return False
-    x1, y1, x2, y2 = box
-    return all(math.isfinite(v) for v in box) and x2 >= x1 and y2 >= y1
+    return all(math.isfinite(v) for v in (x1, y1, x2, y2)) and x2 >= x1 and y2 >= y1
 
 
-def validate_rows(raw: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, pd.Series]:
+def validate_rows(raw: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
     """Type the columns and give each row a reject reason (empty string = fine).
 
-    Returns the typed frame (``score`` float, ``idx`` int, extra columns as text) and the
-    reasons, aligned with ``raw``.
+    Returns the typed frame (``score`` float, ``idx`` int, extra columns as text), the
+    reasons, and a one-line detail per rejected row naming its bad value, all aligned
+    with ``raw``.
     """
-    n = len(raw)
     reason = pd.Series("", index=raw.index, dtype=object)
+    detail = pd.Series("", index=raw.index, dtype=object)
 
-    def mark(mask: pd.Series | np.ndarray, why: str) -> None:
-        reason[(reason == "") & mask] = why
+    def mark(mask: pd.Series | np.ndarray, why: str) -> pd.Series:
+        new = (reason == "") & mask
+        reason[new] = why
+        return new
 
-    mark((raw["username"].str.strip() == "") | (raw["image_name"].str.strip() == ""), "missing_key")
-    score = pd.to_numeric(raw["score"], errors="coerce")
-    mark(~np.isfinite(score.to_numpy(dtype=float, na_value=np.nan)), "bad_score")
-    idx_num = pd.to_numeric(raw["idx"], errors="coerce")
-    idx_ok = np.isfinite(idx_num.to_numpy(dtype=float, na_value=np.nan))
-    idx_vals = idx_num.to_numpy(dtype=float, na_value=-1.0)
-    idx_ok &= (idx_vals >= 0) & (idx_vals == np.floor(idx_vals))
-    mark(~idx_ok, "bad_idx")
-    bbox_ok = np.fromiter((_parse_bbox(s) for s in raw["bbox"]), dtype=bool, count=n)
-    mark(~bbox_ok, "bad_bbox")
+    def explain(new: pd.Series, column: str, expected: str) -> None:
+        detail[new] = [must_be(column, expected, clip(v)) for v in raw.loc[new, column]]
+
+    for column in ("username", "image_name"):
+        explain(mark(raw[column].str.strip() == "", "missing_key"), column, "non-empty")
+    score = pd.to_numeric(raw["score"], errors="coerce").astype("float64")
+    explain(mark(~np.isfinite(score), "bad_score"), "score", "a finite number")
+    idx_vals = (
+        pd.to_numeric(raw["idx"], errors="coerce").astype("float64").to_numpy(na_value=np.nan)
+    )
+    with np.errstate(invalid="ignore"):
+        idx_ok = (idx_vals >= 0) & (idx_vals < _MAX_IDX) & (idx_vals == np.floor(idx_vals))
+    explain(mark(~idx_ok, "bad_idx"), "idx", "an integer >= 0")
+    bbox_ok = np.fromiter((_is_bbox(s) for s in raw["bbox"]), dtype=bool, count=len(raw))
+    explain(mark(~bbox_ok, "bad_bbox"), "bbox", _BBOX_RULE)
 
     typed = raw.copy()
-    typed["score"] = score.astype("float64")
+    typed["score"] = score
     typed["idx"] = np.where(idx_ok, idx_vals, -1).astype("int64")
-    clean = reason == ""
-    dup = typed[clean].duplicated(subset=["username", "image_name", "idx"], keep="first")
-    mark(dup.reindex(raw.index, fill_value=False), "duplicate_object")
+    clean = typed[reason == ""]
+    first_row = (
+        pd.Series(clean.index, index=clean.index)
+        .groupby([clean[c] for c in _OBJECT_KEY], sort=False)
+        .transform("first")
+    )
+    dup = mark((first_row != clean.index).reindex(raw.index, fill_value=False), "duplicate_object")
+    detail[dup] = [
+        f"(username, image_name, idx) = {(u, i, int(x))!r} repeats data row {first_row[r]}; "
+        "each object must appear once."
+        for r, u, i, x in typed.loc[dup, _OBJECT_KEY].itertuples()
+    ]
 
     sel = cfg.select
+    unselected_tag = typed["tag"].isin(sel.exclude_tags)
     if sel.tags is not None:
-        mark(~typed["tag"].isin(sel.tags), "not_selected:tag")
-    if sel.exclude_tags:
-        mark(typed["tag"].isin(sel.exclude_tags), "not_selected:tag")
-    mark(typed["score"].fillna(-1.0) < sel.min_score, "not_selected:score")
-    return typed, reason
+        unselected_tag |= ~typed["tag"].isin(sel.tags)
+    new = mark(unselected_tag, "not_selected:tag")
+    detail[new] = "tag not in select.tags or in select.exclude_tags"
+    new = mark(typed["score"] < sel.min_score, "not_selected:score")
+    detail[new] = f"score below select.min_score ({sel.min_score})"
+    return typed, reason, detail
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -172,59 +253,103 @@ def validate_rows(raw: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, pd.Seri
 @dataclass(frozen=True)
 class _FileJob:
     path: str
-    user_dir: str
+    user_dir: str  # the folder the template names after the user ('' if none)
     positions: np.ndarray  # candidate positions (= object ids) of this file's objects
     idx: np.ndarray  # row of each object inside the file
 
 
-def _load_file(job: _FileJob, dim: int) -> tuple[np.ndarray | None, np.ndarray, str]:
-    """Vectors of one file's objects plus a reason per object ('' = fine) and a detail."""
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return clip(f"{type(exc).__name__}: {lines[0] if lines else ''}", 200)
+
+
+def _load_file(job: _FileJob, dim: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Vectors of one file's objects, plus a reason and a detail per object ('' = fine)."""
     n = len(job.idx)
     reasons = np.full(n, "", dtype=object)
+    details = np.full(n, "", dtype=object)
+
+    def reject_all(why: str, detail: str) -> tuple[None, np.ndarray, np.ndarray]:
+        reasons[:], details[:] = why, detail
+        return None, reasons, details
+
     if not os.path.exists(job.path):
-        why = "missing_user_folder" if not os.path.isdir(job.user_dir) else "missing_embedding_file"
-        reasons[:] = why
-        return None, reasons, job.path
+        if job.user_dir and not os.path.isdir(job.user_dir):
+            return reject_all(
+                "missing_user_folder", f"The user folder {job.user_dir} does not exist."
+            )
+        return reject_all(
+            "missing_embedding_file", f"The embedding file {job.path} does not exist."
+        )
     try:
         array = np.load(job.path, allow_pickle=False)
     except Exception as exc:  # truncated header, bad magic, short data: all "corrupt"
-        reasons[:] = "corrupt_embedding_file"
-        return None, reasons, f"{job.path}: {type(exc).__name__}: {exc}"[:300]
+        return reject_all(
+            "corrupt_embedding_file", f"{job.path} cannot be read as .npy ({_first_line(exc)})."
+        )
     if array.ndim != 2 or array.shape[1] != dim:
-        reasons[:] = "wrong_dimension"
-        return None, reasons, f"{job.path}: shape {array.shape}, expected (n, {dim})"
+        return reject_all(
+            "wrong_dimension", must_be(job.path, f"a 2-D array of shape (n, {dim})", array.shape)
+        )
     if array.dtype.kind != "f":
-        reasons[:] = "wrong_dtype"
-        return None, reasons, f"{job.path}: dtype {array.dtype}, expected a float type"
-    in_range = job.idx < array.shape[0]
-    reasons[~in_range] = "idx_out_of_range"
+        return reject_all("wrong_dtype", must_be(job.path, "an array of floats", str(array.dtype)))
+    beyond = job.idx >= array.shape[0]
+    reasons[beyond] = "idx_out_of_range"
+    details[beyond] = [
+        must_be("idx", f"< {array.shape[0]}, the rows of {job.path}", int(i))
+        for i in job.idx[beyond]
+    ]
     vectors = np.zeros((n, dim), dtype=np.float32)
-    vectors[in_range] = array[job.idx[in_range]]
-    return vectors, reasons, f"{job.path}: {array.shape[0]} rows"
+    vectors[~beyond] = array[job.idx[~beyond]]
+    _check_vectors(vectors, reasons, details, lambda i: f"Row {job.idx[i]} of {job.path}")
+    return vectors, reasons, details
 
 
-def _check_vectors(vectors: np.ndarray, reasons: np.ndarray) -> None:
-    finite = np.isfinite(vectors).all(axis=1)
-    reasons[(reasons == "") & ~finite] = "non_finite_vector"
-    nonzero = (vectors != 0).any(axis=1)
-    reasons[(reasons == "") & ~nonzero] = "zero_vector"
+def _check_vectors(vectors: np.ndarray, reasons: np.ndarray, details: np.ndarray, where) -> None:
+    """Reject rows with NaN or infinite values, and all-zero rows (cosine undefined).
+
+    ``where(i)`` names row ``i`` in a message, e.g. "Row 3 of a.npy".
+    """
+    finite = np.isfinite(vectors)
+    for i in np.flatnonzero((reasons == "") & ~finite.all(axis=1)):
+        reasons[i] = "non_finite_vector"
+        n_bad = int((~finite[i]).sum())
+        details[i] = f"{where(i)} must be finite. Got {n_bad} NaN or infinite value(s) instead."
+    for i in np.flatnonzero((reasons == "") & ~(vectors != 0).any(axis=1)):
+        reasons[i] = "zero_vector"
+        details[i] = f"{where(i)} is all zeros, so its cosine similarity is undefined."
+
+
+def _user_folder_template(template: str) -> str | None:
+    """The leading part of the path template that names the user's folder.
+
+    >>> _user_folder_template("{username}/embeddings/{image_name}.npy")
+    '{username}'
+    """
+    parts = template.split("/")
+    for i, part in enumerate(parts[:-1]):
+        if "{username}" in part:
+            return "/".join(parts[: i + 1])
+    return None
 
 
 def _file_jobs(objects: pd.DataFrame, cfg: Config) -> list[_FileJob]:
+    """One job per embedding file, grouping the objects the template maps to it."""
     root = Path(cfg.input.embeddings_root)
     template = cfg.input.embeddings_template
-    keys = ["username", "image_name", "batch_folder", "res_name"]
+    user_template = _user_folder_template(template)
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    keys = list(dict.fromkeys(["username", *fields]))
     jobs = []
     positions = objects["object_id"].to_numpy()
     idx = objects["idx"].to_numpy()
     # ``sort=False`` keeps CSV order, so files are read in the order they were written.
     for key, rows in objects.groupby(keys, sort=False).indices.items():
-        fields = dict(zip(keys, key, strict=True))
-        path = root / template.format(**fields)
+        values = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
         jobs.append(
             _FileJob(
-                path=str(path),
-                user_dir=str(root / fields["username"]),
+                path=str(root / template.format(**values)),
+                user_dir=str(root / user_template.format(**values)) if user_template else "",
                 positions=positions[rows],
                 idx=idx[rows],
             )
@@ -233,17 +358,23 @@ def _file_jobs(objects: pd.DataFrame, cfg: Config) -> list[_FileJob]:
 
 
 def _infer_dim(jobs: list[_FileJob]) -> int:
-    for job in jobs[:1000]:
+    """The most common width among a sample of files spread over the whole input, so that
+    a few files in another dimension (a model change) are the ones rejected."""
+    widths: Counter[int] = Counter()
+    for job in jobs[:: max(1, len(jobs) // _DIM_SAMPLE_FILES)]:
         try:
             array = np.load(job.path, mmap_mode="r", allow_pickle=False)
         except Exception:
             continue
         if array.ndim == 2 and array.dtype.kind == "f":
-            return int(array.shape[1])
-    raise InputError(
-        "Cannot infer the embedding dimension: none of the first embedding files is a 2-D "
-        "float .npy. Check input.embeddings_root and input.embeddings_template, or set ingest.dim."
-    )
+            widths[int(array.shape[1])] += 1
+    if not widths:
+        raise InputError(
+            "Cannot infer the embedding dimension: none of the sampled embedding files is a 2-D "
+            f"float .npy (e.g. {jobs[0].path}). Check input.embeddings_root and "
+            "input.embeddings_template, or set ingest.dim."
+        )
+    return widths.most_common(1)[0][0]
 
 
 def _batched(items: list, size: int) -> Iterator[list]:
@@ -251,36 +382,26 @@ def _batched(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def _load_many(jobs: list[_FileJob], dim: int) -> list[tuple[_FileJob, np.ndarray | None, np.ndarray, str]]:
-    out = []
-    for job in jobs:
-        vectors, reasons, detail = _load_file(job, dim)
-        if vectors is not None:
-            _check_vectors(vectors, reasons)
-        out.append((job, vectors, reasons, detail))
-    return out
-
-
 def fill_memmap_from_files(
-    objects: pd.DataFrame, cfg: Config, memmap: np.memmap, dim: int, progress: bool
+    jobs: list[_FileJob], n_rows: int, memmap: np.memmap, dim: int, progress: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read every embedding file once (threads) and write its rows at their object ids.
 
     Returns the reason per object ('' = ingested) and a detail string per object.
     """
-    n = len(objects)
-    reasons = np.full(n, "", dtype=object)
-    details = np.full(n, "", dtype=object)
-    jobs = _file_jobs(objects, cfg)
+    reasons = np.full(n_rows, "", dtype=object)
+    details = np.full(n_rows, "", dtype=object)
     bar = tqdm(total=len(jobs), desc="ingest: read embeddings", unit="file", disable=not progress)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for results in pool.map(lambda b: _load_many(b, dim), _batched(jobs, _FILES_PER_TASK)):
-            for job, vectors, file_reasons, detail in results:
+        for batch in pool.map(
+            lambda b: [(job, *_load_file(job, dim)) for job in b], _batched(jobs, _FILES_PER_TASK)
+        ):
+            for job, vectors, file_reasons, file_details in batch:
                 if vectors is not None:
                     memmap[job.positions] = vectors
                 reasons[job.positions] = file_reasons
-                details[job.positions] = detail
-            bar.update(len(results))
+                details[job.positions] = file_details
+            bar.update(len(batch))
     bar.close()
     return reasons, details
 
@@ -288,14 +409,20 @@ def fill_memmap_from_files(
 def open_matrix(path: str, n_csv_rows: int) -> np.ndarray:
     """Open a CSV-aligned ``.npy`` matrix read-only (memory-mapped) and check its shape."""
     if not Path(path).is_file():
-        raise MissingInputError(f"Embeddings matrix {path} does not exist. Set input.embeddings_matrix.")
+        raise MissingInputError(
+            f"Embeddings matrix {path} does not exist. Set input.embeddings_matrix."
+        )
     try:
         matrix = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:
-        raise InputError(f"Embeddings matrix {path} cannot be read as .npy ({exc}).") from None
+        raise InputError(
+            f"Embeddings matrix {path} cannot be read as .npy ({_first_line(exc)})."
+        ) from None
     if matrix.ndim != 2 or matrix.dtype.kind != "f":
         raise InputError(
-            must_be(f"Embeddings matrix {path}", "a 2-D float array", f"{matrix.dtype} {matrix.shape}")
+            must_be(
+                f"Embeddings matrix {path}", "a 2-D float array", f"{matrix.dtype} {matrix.shape}"
+            )
         )
     if matrix.shape[0] != n_csv_rows:
         raise InputError(
@@ -314,36 +441,28 @@ def fill_memmap_from_matrix(
     """Copy the selected rows of a CSV-aligned matrix into the memmap, block by block."""
     n = len(objects)
     reasons = np.full(n, "", dtype=object)
+    details = np.full(n, "", dtype=object)
     source = objects["source_row"].to_numpy()
     step = max(1, _COPY_BYTES // (4 * memmap.shape[1]))
     for start in tqdm(range(0, n, step), desc="ingest: copy matrix", disable=not progress):
-        block = np.asarray(matrix[source[start : start + step]], dtype=np.float32)
-        _check_vectors(block, reasons[start : start + step])
+        rows = source[start : start + step]
+        block = np.asarray(matrix[rows], dtype=np.float32)
+        _check_vectors(block, reasons[start : start + step], details[start : start + step],
+                       lambda i, rows=rows: f"Row {rows[i]} of {matrix.filename}")  # fmt: skip
         memmap[start : start + step] = block
-    return reasons, np.full(n, "", dtype=object)
+    return reasons, details
 
 
-def _fail_on_first_bad(
-    cfg: Config,
-    reasons: pd.Series,
-    candidates: pd.DataFrame,
-    emb_reasons: np.ndarray,
-    details: np.ndarray,
-) -> None:
-    """With ``ingest.on_bad_object: fail``, turn the first bad row into an error."""
-    rows = [
-        (int(row), why, "")
-        for row, why in reasons.items()
-        if why and not why.startswith("not_selected")
-    ][:1]
-    bad = np.flatnonzero(emb_reasons != "")[:1]
-    rows += [(int(candidates["source_row"].iloc[i]), emb_reasons[i], details[i]) for i in bad]
-    if rows:
-        row, why, detail = min(rows)
-        detail = f" ({detail})" if detail else ""
+def _raise_on_bad_object(cfg: Config, rejects: pd.DataFrame) -> None:
+    """With ``ingest.on_bad_object: fail``, turn the first bad row into a one-line error."""
+    bad = rejects[~rejects["reason"].str.startswith("not_selected")]
+    if cfg.ingest.on_bad_object == "fail" and len(bad):
+        first = bad.loc[bad[schema.SOURCE_ROW].idxmin()]
+        row = first[schema.SOURCE_ROW]
         raise InputError(
-            f"{cfg.input.objects_csv} data row {row}: {why}{detail}. "
-            "Fix the input or set ingest.on_bad_object to 'reject' to skip such rows."
+            f"{cfg.input.objects_csv} data row {row} (line {row + 2}), {first['reason']}: "
+            f"{first['detail']} "
+            "Fix the input, or set ingest.on_bad_object to 'reject' to skip such objects."
         )
 
 
@@ -410,51 +529,55 @@ def mirror_to_store(
 def ingest(cfg: Config, paths: OutputPaths, progress: bool = True) -> IngestResult:
     """Run the ingest stage and return its counts (outputs are written under ``paths``)."""
     raw = read_objects_csv(cfg.input.objects_csv)
-    typed, reasons = validate_rows(raw, cfg)
+    typed, reasons, details = validate_rows(raw, cfg)
     typed.insert(0, schema.SOURCE_ROW, np.arange(len(typed), dtype=np.int64))
+    rejects = _rejects_frame(typed[schema.SOURCE_ROW], raw, reasons.to_numpy(), details.to_numpy())
+    _raise_on_bad_object(cfg, rejects)
     candidates = typed[reasons.to_numpy() == ""].copy()
     candidates.insert(0, schema.OBJECT_ID, np.arange(len(candidates), dtype=np.int64))
     if len(candidates) == 0:
-        raise InputError(
-            f"No object of {cfg.input.objects_csv} passed validation and selection "
-            f"({len(raw):,} rows). Check select.* and the rejects reasons."
-        )
+        _fail_with_no_objects(cfg, rejects, paths)
 
     if cfg.input.embeddings_matrix:
         matrix = open_matrix(cfg.input.embeddings_matrix, len(raw))
         dim = int(matrix.shape[1])
+        if cfg.ingest.dim not in (None, dim):
+            raise InputError(
+                must_be(
+                    f"The dimension of {cfg.input.embeddings_matrix}",
+                    f"ingest.dim ({cfg.ingest.dim})",
+                    dim,
+                )
+            )
     else:
         root = Path(cfg.input.embeddings_root)
         if not root.is_dir():
             raise MissingInputError(
                 f"Embeddings root {root} does not exist. Set input.embeddings_root."
             )
-        dim = _infer_dim(_file_jobs(candidates.head(5000), cfg))
-    if cfg.ingest.dim is not None and cfg.ingest.dim != dim and cfg.input.embeddings_matrix:
-        raise InputError(must_be(f"The dimension of {cfg.input.embeddings_matrix}", f"ingest.dim ({cfg.ingest.dim})", dim))
-    dim = cfg.ingest.dim or dim
+        jobs = _file_jobs(candidates, cfg)
+        dim = cfg.ingest.dim or _infer_dim(jobs)
 
     memmap = _open_memmap(paths.memmap, len(candidates), dim)
     if cfg.input.embeddings_matrix:
-        emb_reasons, details = fill_memmap_from_matrix(candidates, matrix, memmap, progress)
+        emb_reasons, emb_details = fill_memmap_from_matrix(candidates, matrix, memmap, progress)
     else:
-        emb_reasons, details = fill_memmap_from_files(candidates, cfg, memmap, dim, progress)
+        emb_reasons, emb_details = fill_memmap_from_files(
+            jobs, len(candidates), memmap, dim, progress
+        )
     memmap.flush()
 
-    bad = emb_reasons != ""
-    if cfg.ingest.on_bad_object == "fail":
-        _fail_on_first_bad(cfg, reasons, candidates, emb_reasons, details)
-
-    rejects = _rejects_table(raw, reasons, candidates, emb_reasons, details)
-    objects = candidates[~bad]
+    late = _rejects_frame(candidates[schema.SOURCE_ROW], candidates, emb_reasons, emb_details)
+    rejects = pd.concat([rejects, late], ignore_index=True)
+    rejects = rejects.sort_values(schema.SOURCE_ROW, kind="stable", ignore_index=True)
+    _raise_on_bad_object(cfg, rejects)
+    objects = candidates[emb_reasons == ""]
     n_rows = len(objects)
     if n_rows == 0:
-        raise InputError(
-            f"No object of {cfg.input.objects_csv} has a usable embedding "
-            f"({len(rejects):,} rejected; most common reason "
-            f"{rejects['reason'].value_counts().index[0]!r}). See {paths.rejects}."
-        )
-    shuffle_seed = cfg.ingest.shuffle_seed if cfg.ingest.shuffle_seed is not None else cfg.train.seed
+        _fail_with_no_objects(cfg, rejects, paths)
+    shuffle_seed = (
+        cfg.ingest.shuffle_seed if cfg.ingest.shuffle_seed is not None else cfg.train.seed
+    )
     permutation = np.random.default_rng(shuffle_seed).permutation(n_rows)
     store_ids = objects["object_id"].to_numpy()[permutation]
     chunk_rows = min(cfg.ingest.chunk_rows, n_rows)
@@ -489,39 +612,31 @@ def ingest(cfg: Config, paths: OutputPaths, progress: bool = True) -> IngestResu
     return result
 
 
-def _rejects_table(
-    raw: pd.DataFrame,
-    reasons: pd.Series,
-    candidates: pd.DataFrame,
-    emb_reasons: np.ndarray,
-    details: np.ndarray,
+def _rejects_frame(
+    source_row: pd.Series, rows: pd.DataFrame, reasons: np.ndarray, details: np.ndarray
 ) -> pd.DataFrame:
-    early = raw[reasons.to_numpy() != ""]
-    bad = emb_reasons != ""
-    late = candidates[bad]
-    frames = [
-        pd.DataFrame(
-            {
-                "source_row": early.index.to_numpy(dtype=np.int64),
-                "reason": reasons[reasons != ""].to_numpy(),
-                "detail": [""] * len(early),
-                "username": early["username"].to_numpy(),
-                "image_name": early["image_name"].to_numpy(),
-                "idx": early["idx"].to_numpy(),
-            }
-        ),
-        pd.DataFrame(
-            {
-                "source_row": late["source_row"].to_numpy(),
-                "reason": emb_reasons[bad],
-                "detail": details[bad],
-                "username": late["username"].to_numpy(),
-                "image_name": late["image_name"].to_numpy(),
-                "idx": late["idx"].astype(str).to_numpy(),
-            }
-        ),
-    ]
-    out = pd.concat(frames, ignore_index=True).sort_values("source_row", kind="stable")
-    return out.reset_index(drop=True).astype(
-        {"reason": str, "detail": str, "username": str, "image_name": str, "idx": str}
+    """The rows of ``rows`` that have a reason, as a rejects table (``REJECTS_SCHEMA``)."""
+    bad = reasons != ""
+    picked = rows[bad]
+    return pd.DataFrame(
+        {
+            schema.SOURCE_ROW: source_row[bad].to_numpy(dtype=np.int64),
+            "reason": reasons[bad].astype(str),
+            "username": picked["username"].to_numpy(dtype=str),
+            "image_name": picked["image_name"].to_numpy(dtype=str),
+            "idx": picked["idx"].astype(str).to_numpy(dtype=str),
+            "detail": details[bad].astype(str),
+        }
+    )
+
+
+def _fail_with_no_objects(cfg: Config, rejects: pd.DataFrame, paths: OutputPaths) -> NoReturn:
+    """Every row was rejected: keep the rejects for inspection and say why, with an example."""
+    sinks.write_parquet(rejects, paths.rejects, schema.REJECTS_SCHEMA)
+    reason = rejects["reason"].value_counts().index[0]
+    example = rejects[rejects["reason"] == reason].iloc[0]
+    raise InputError(
+        f"No object of {cfg.input.objects_csv} is left to cluster: all {len(rejects):,} rows were "
+        f"rejected, most often as {reason!r} (data row {example[schema.SOURCE_ROW]}: "
+        f"{example['detail']}) Fix the input or select.*; every row is listed in {paths.rejects}."
     )

@@ -122,8 +122,24 @@ def plan_run(cfg: Config, stages: tuple[str, ...] = STAGES) -> RunPlan:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(must_be("Stage names", f"among {list(STAGES)}", unknown))
+    if cfg.train.n_clusters != "auto":
+        check_chunk_rows(cfg.ingest.chunk_rows, cfg.train.n_clusters)
     ordered = tuple(s for s in STAGES if s in stages)
     return RunPlan(stages=ordered, paths=OutputPaths.from_config(cfg), scheduler=cfg.executor.scheduler)
+
+
+def check_chunk_rows(chunk_rows: int, n_clusters: int) -> None:
+    """A store chunk must hold at least one row per centre (known from the config alone
+    unless ``n_clusters`` is ``auto``, so checked before any stage runs)."""
+    if chunk_rows < n_clusters:
+        raise ConfigError(
+            must_be(
+                "ingest.chunk_rows",
+                f">= train.n_clusters ({n_clusters}) so each mini-batch can cover every centre",
+                chunk_rows,
+                "Raise ingest.chunk_rows or lower train.n_clusters.",
+            )
+        )
 
 
 def effective_n_clusters(cfg: Config, n_rows: int) -> int:
@@ -153,22 +169,14 @@ def plan_training(cfg: Config, n_rows: int, dim: int, chunk_rows: int) -> TrainP
     if n_rows < k:
         raise InputError(
             must_be(
-                f"The number of ingested objects ({n_rows:,})",
-                f">= train.n_clusters ({k})",
-                n_rows,
+                "train.n_clusters",
+                f"<= the number of ingested objects ({n_rows:,})",
+                k,
                 "Lower train.n_clusters, use 'auto', or add objects.",
             )
         )
     chunk_rows = min(chunk_rows, n_rows)
-    if chunk_rows < k:
-        raise ConfigError(
-            must_be(
-                "ingest.chunk_rows",
-                f">= train.n_clusters ({k}) so each mini-batch can cover every centre",
-                chunk_rows,
-                "Raise ingest.chunk_rows or lower train.n_clusters.",
-            )
-        )
+    check_chunk_rows(chunk_rows, k)
     batch_size = min(cfg.train.batch_size, chunk_rows)
     init_size = cfg.train.init_size or 32 * k
     init_size = min(max(init_size, k), n_rows)

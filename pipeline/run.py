@@ -252,7 +252,11 @@ def run(
     plan = plan or plan_run(cfg, stages)
     paths = plan.paths
     result = RunResult(paths=paths)
+    store.check_writable(paths.root, "output.dir")
+    if "ingest" in plan.stages:
+        store.check_writable(paths.staging, "output.staging_dir")
     store.remove_stale_temporaries(paths.root)
+    store.remove_stale_temporaries(paths.markers)
     keys: dict[str, str] = {}
     with open_executor(cfg.executor) as ex:
         for stage in STAGES:

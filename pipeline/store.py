@@ -26,7 +26,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 
-from .errors import MissingInputError, OutputError
+from .errors import MissingInputError, OutputError, must_be
 
 VECTORS = "vectors"
 OBJECT_IDS = "object_ids"
@@ -98,6 +98,20 @@ def remove_stale_temporaries(url: str) -> None:
     for entry in fs.ls(path, detail=False):
         if ".tmp-" in entry.rsplit("/", 1)[-1]:
             fs.rm(entry, recursive=True)
+
+
+def check_writable(url: str, key: str) -> None:
+    """Create the folder ``url`` and write a probe file in it, or raise :class:`OutputError`
+    naming the config ``key``, before any stage spends time on work it cannot save."""
+    fs, path = filesystem(url)
+    probe = f"{path}/.tmp-probe-{uuid.uuid4().hex[:8]}"  # removed as stale if we are killed
+    try:
+        fs.makedirs(path, exist_ok=True)
+        fs.touch(probe)
+        fs.rm(probe)
+    except OSError as exc:
+        fix = f"Creating or writing it fails ({exc.strerror or exc}). Choose another {key}."
+        raise OutputError(must_be(key, "a writable folder", url, fix)) from None
 
 
 def _compressors(compression: str) -> Any:
