@@ -137,6 +137,33 @@ def validate(config: ConfigOpt = Path("config.yaml"), set_: SetOpt = None) -> No
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+@app.command()
+def groups(
+    config: ConfigOpt = Path("config.yaml"),
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", "-f", help="The reviewer's groups YAML (default: report.groups_file)."),
+    ] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check the reviewer's groups file, write ins_posts_groups.csv/.parquet, show them in the report."""
+    from .groups import apply_groups
+    from .plan import OutputPaths
+    from .report import write_report
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        cfg = _load(config, set_, None, quiet)
+        paths = OutputPaths.from_config(cfg)
+        result = apply_groups(cfg, paths, file)
+        report = write_report(cfg, paths, groups_file=result.source)
+    except PipelineError as exc:
+        _fail(exc)
+    counts = ", ".join(f"{name} {n:,}" for name, n in result.counts().items())
+    typer.echo(f"groups: {counts} objects. Wrote {result.csv}, {result.parquet} and {report.index}")
+
+
 @app.command("make-demo")
 def make_demo(
     root: Annotated[Path, typer.Option(help="Folder to write the dataset into.")] = Path("data/demo"),

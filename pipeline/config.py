@@ -30,7 +30,7 @@ class InputConfig(_Section):
     embeddings_root: str = "data/demo/ins_posts"
     embeddings_template: str = "{username}/embeddings/{image_name}.npy"
     embeddings_matrix: str | None = None
-    images_root: str | None = None
+    images_root: str | None = "data/demo/images"
     image_template: str = "{username}/{image_name}.jpg"
 
     @field_validator("embeddings_template")

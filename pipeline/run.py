@@ -215,6 +215,11 @@ def run_report(cfg: Config, paths: OutputPaths, ex: Executor) -> None:
     sinks.write_text(text, paths.summary_markdown)
     if ex.progress:
         print(text)
+    from . import report as report_stage
+
+    result = report_stage.write_report(cfg, paths, n_workers=ex.n_cores)
+    if ex.progress:
+        print(f"Review report: {result.index} ({result.seconds:.1f} s)")
 
 
 STAGE_FUNCTIONS = {

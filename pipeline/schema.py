@@ -100,6 +100,12 @@ CLUSTER_SUMMARY_SCHEMA = pa.schema(
     ]
 )
 
+#: The reviewer's group of a selected object (``ins_posts_groups``, see :mod:`pipeline.groups`).
+GROUP = "group"
+#: ``ins_posts_groups.csv``: the write-up's fields, then the group.
+GROUPS_CSV_FIELDS: tuple[str, ...] = OUTPUT_CSV_FIELDS + (GROUP,)
+GROUPS_SCHEMA = CLUSTERS_SCHEMA.append(pa.field(GROUP, pa.string(), nullable=False))
+
 FUNNEL_SCHEMA = pa.schema(
     [
         pa.field("step", pa.string(), nullable=False),

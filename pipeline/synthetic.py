@@ -27,6 +27,10 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import json
+import multiprocessing as mp
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,18 +98,31 @@ def _cluster_colour(cluster: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def _image_seed(image_name: str) -> int:
+    """The drawing seed of an image, from its (seeded, hex) name: the same picture whether
+    drawn with the dataset or later from its CSV (:func:`draw_demo_images`)."""
+    return int(hashlib.md5(image_name.encode()).hexdigest()[:8], 16)
+
+
 def _draw_image(path: Path, bboxes: list[list[float]], clusters: list[int], seed: int) -> None:
+    """Draw one ``IMAGE_PX`` square picture: a smooth background and one shape per object
+    in its bbox, whose shape, colour and stripes follow the object's true cluster.
+
+    The background is a coarse noise field scaled up (not per-pixel noise): it compresses
+    to a few kB and draws in about 2 ms, so 30,000 demo images take seconds, not minutes.
+    """
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
     base = rng.integers(30, 90, size=3)
-    pixels = np.clip(base + rng.normal(0, 6, (IMAGE_PX, IMAGE_PX, 3)), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels, "RGB")
+    coarse = np.clip(base + rng.normal(0, 12, (8, 8, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(coarse, "RGB").resize((IMAGE_PX, IMAGE_PX), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(image)
     for (x1, y1, x2, y2), cluster in zip(bboxes, clusters, strict=True):
         box = [x1, y1, x2, y2]
         if cluster < 0:  # outliers: grey scribbles
             draw.line(box, fill=(160, 160, 160), width=3)
+            draw.line([x1, y2, x2, y1], fill=(120, 120, 120), width=2)
             continue
         colour = _cluster_colour(cluster)
         shape = cluster % 4
@@ -122,7 +139,97 @@ def _draw_image(path: Path, bboxes: list[list[float]], clusters: list[int], seed
             y = y1 + (s + 1) * (y2 - y1) / (stripes + 1)
             draw.line([x1, y, x2, y], fill=(255, 255, 255), width=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, quality=88)
+    image.save(path, quality=85)
+
+
+ImageJob = tuple[str, list[list[float]], list[int]]
+
+
+def _draw_images(jobs: list[ImageJob]) -> int:
+    """Draw a batch of ``(path, bboxes, clusters)`` images (one pool task)."""
+    for path, bboxes, clusters in jobs:
+        _draw_image(Path(path), bboxes, clusters, _image_seed(Path(path).stem))
+    return len(jobs)
+
+
+class _ImageDrawer:
+    """Draws batches of pictures in spawned worker processes while the caller goes on.
+
+    Spawned, not forked: the caller may hold threads (dask, pytest) that fork would copy.
+    Where workers cannot start (a parent script read from stdin cannot be re-imported by
+    spawn), the batches are drawn here instead: slower, same pictures.
+    """
+
+    def __init__(self, n_workers: int | None = None) -> None:
+        self.pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
+            max_workers=n_workers or os.cpu_count() or 1, mp_context=mp.get_context("spawn")
+        )
+        self.pending: list[tuple[list[ImageJob], Future]] = []
+
+    def submit(self, jobs: list[ImageJob]) -> None:
+        if self.pool is not None:
+            try:
+                self.pending.append((jobs, self.pool.submit(_draw_images, jobs)))
+                return
+            except BrokenProcessPool:
+                self.pool = None
+        _draw_images(jobs)
+
+    def finish(self) -> None:
+        """Wait for every batch (drawing here any that a broken pool lost)."""
+        for jobs, future in self.pending:
+            try:
+                future.result()
+            except BrokenProcessPool:
+                _draw_images(jobs)
+        self.pending = []
+        self.cancel()
+
+    def cancel(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+def draw_demo_images(root: str | Path, n_workers: int | None = None) -> Path:
+    """Draw the pictures of an existing demo dataset from its CSV and ``truth.parquet``.
+
+    The result is identical to ``make_demo_dataset(..., images=True)``: use it to add
+    images to a dataset generated without them (the vectors are not touched).
+
+    Parameters
+    ----------
+    root : str or Path
+        The dataset folder (holds the objects CSV and ``truth.parquet``).
+    n_workers : int, default=None
+        Drawing processes; ``None`` = all cores.
+    """
+    root = Path(root)
+    objects = pacsv.read_csv(
+        root / CSV_NAME,
+        convert_options=pacsv.ConvertOptions(include_columns=["username", "image_name", "bbox"]),
+    ).to_pandas()
+    truth = pq.read_table(root / "truth.parquet").to_pandas()
+    objects["true_cluster"] = truth.sort_values("source_row")["true_cluster"].to_numpy()
+    img_root = root / "images"
+    jobs: list[ImageJob] = []
+    keys = objects["username"] + "/" + objects["image_name"]
+    for key, rows in objects.groupby(keys, sort=False):
+        jobs.append(
+            (
+                str(img_root / f"{key}.jpg"),
+                [json.loads(b) for b in rows["bbox"]],
+                [int(c) for c in rows["true_cluster"]],
+            )
+        )
+    drawer = _ImageDrawer(n_workers)
+    try:
+        for start in range(0, len(jobs), 256):
+            drawer.submit(jobs[start : start + 256])
+        drawer.finish()
+    finally:
+        drawer.cancel()
+    return img_root
 
 
 def make_demo_dataset(
@@ -148,7 +255,8 @@ def make_demo_dataset(
     layout : {"per_image", "matrix"}, default="per_image"
         One ``.npy`` per image, or one matrix aligned to the CSV rows.
     images : bool, default=False
-        Also draw a picture per image whose shapes follow the clusters.
+        Also draw a picture per image whose shapes follow the clusters (in worker
+        processes, alongside the vectors; see :func:`draw_demo_images`).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -178,73 +286,82 @@ def make_demo_dataset(
     truth_rows: list[np.ndarray] = []
     writer: pacsv.CSVWriter | None = None
     row = 0
-    for u in range(n_users):
-        username = f"user_{hashlib.md5(f'{seed}-{u}'.encode()).hexdigest()[:10]}"
-        batch_folder = f"ins_posts_{1 + u % 3}"
-        favourites = rng.choice(k, size=min(k, 5), replace=False, p=popularity)
-        user_p = 0.6 * popularity
-        user_p[favourites] += 0.4 * rng.dirichlet(np.ones(len(favourites)))
-        user_p /= user_p.sum()
-        style = rng.standard_normal(dim, dtype=np.float32) * np.float32(0.3 / np.sqrt(dim))
-        columns: dict[str, list] = {
-            name: []
-            for name in (
-                "batch_folder", "username", "res_name", "bbox", "tag", "score", "idx",
-                "image_name", "raw_tag",
-            )
-        }  # fmt: skip
-        for i, n_in_image in enumerate(_split_into_images(rng, int(sizes[u]))):
-            image_name = hashlib.md5(f"{seed}-{u}-{i}".encode()).hexdigest()
-            first = int(rng.choice(k, p=user_p))
-            clusters = [first]
-            for _ in range(n_in_image - 1):
-                clusters.append(first if rng.random() < 0.2 else int(rng.choice(k, p=user_p)))
-            clusters_arr = np.array(clusters)
-            outlier = rng.random(n_in_image) < outlier_fraction
-            clusters_arr[outlier] = -1
-            noise_scale = np.where(
-                outlier, 1.0, tightness[np.maximum(clusters_arr, 0)] * rng.lognormal(0, 0.2, n_in_image)
-            ).astype(np.float32)
-            noise = rng.standard_normal((n_in_image, dim), dtype=np.float32)
-            noise *= (noise_scale / np.sqrt(dim)).astype(np.float32)[:, None]
-            vectors = np.where(outlier[:, None], 0.0, centres[np.maximum(clusters_arr, 0)])
-            vectors = (vectors + style + noise).astype(np.float32)
-            if matrix is not None:
-                matrix[row : row + n_in_image] = vectors
-            else:
-                path = emb_root / username / "embeddings" / f"{image_name}.npy"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(path, vectors)
-            bboxes = []
-            for j in range(n_in_image):
-                w, h = rng.uniform(40, 160, 2)
-                x1, y1 = rng.uniform(0, IMAGE_PX - w), rng.uniform(0, IMAGE_PX - h)
-                bbox = [float(x1), float(y1), float(x1 + w), float(y1 + h)]
-                bboxes.append(bbox)
-                c = int(clusters_arr[j])
-                tag = cluster_tag[c] if c >= 0 and rng.random() < 0.9 else TAGS[rng.integers(len(TAGS))]
-                columns["batch_folder"].append(batch_folder)
-                columns["username"].append(username)
-                columns["res_name"].append(f"{image_name}.json")
-                columns["bbox"].append(json.dumps(bbox))
-                columns["tag"].append(str(tag))
-                columns["score"].append(round(float(rng.uniform(0.3, 1.0)), 2))
-                columns["idx"].append(j)
-                columns["image_name"].append(image_name)
-                columns["raw_tag"].append(f"{tag}|{TAGS[(TAGS.index(str(tag)) + 1) % len(TAGS)]}")
-            if img_root is not None:
-                _draw_image(
-                    img_root / username / f"{image_name}.jpg",
-                    bboxes,
-                    clusters_arr.tolist(),
-                    seed=hash((seed, u, i)) & 0xFFFFFFFF,
+    # Pictures are drawn by worker processes while this one draws vectors; their seeds come
+    # from the image names, so the vectors' random stream is the same with or without them.
+    drawer = _ImageDrawer() if img_root is not None else None
+    try:
+        for u in range(n_users):
+            username = f"user_{hashlib.md5(f'{seed}-{u}'.encode()).hexdigest()[:10]}"
+            batch_folder = f"ins_posts_{1 + u % 3}"
+            favourites = rng.choice(k, size=min(k, 5), replace=False, p=popularity)
+            user_p = 0.6 * popularity
+            user_p[favourites] += 0.4 * rng.dirichlet(np.ones(len(favourites)))
+            user_p /= user_p.sum()
+            style = rng.standard_normal(dim, dtype=np.float32) * np.float32(0.3 / np.sqrt(dim))
+            columns: dict[str, list] = {
+                name: []
+                for name in (
+                    "batch_folder", "username", "res_name", "bbox", "tag", "score", "idx",
+                    "image_name", "raw_tag",
                 )
-            truth_rows.append(clusters_arr)
-            row += n_in_image
-        table = pa.table(columns)
-        if writer is None:
-            writer = pacsv.CSVWriter(str(csv_path), table.schema)
-        writer.write_table(table)
+            }  # fmt: skip
+            user_images: list[ImageJob] = []
+            for i, n_in_image in enumerate(_split_into_images(rng, int(sizes[u]))):
+                image_name = hashlib.md5(f"{seed}-{u}-{i}".encode()).hexdigest()
+                first = int(rng.choice(k, p=user_p))
+                clusters = [first]
+                for _ in range(n_in_image - 1):
+                    clusters.append(first if rng.random() < 0.2 else int(rng.choice(k, p=user_p)))
+                clusters_arr = np.array(clusters)
+                outlier = rng.random(n_in_image) < outlier_fraction
+                clusters_arr[outlier] = -1
+                spread = tightness[np.maximum(clusters_arr, 0)] * rng.lognormal(0, 0.2, n_in_image)
+                noise_scale = np.where(outlier, 1.0, spread).astype(np.float32)
+                noise = rng.standard_normal((n_in_image, dim), dtype=np.float32)
+                noise *= (noise_scale / np.sqrt(dim)).astype(np.float32)[:, None]
+                vectors = np.where(outlier[:, None], 0.0, centres[np.maximum(clusters_arr, 0)])
+                vectors = (vectors + style + noise).astype(np.float32)
+                if matrix is not None:
+                    matrix[row : row + n_in_image] = vectors
+                else:
+                    path = emb_root / username / "embeddings" / f"{image_name}.npy"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(path, vectors)
+                bboxes = []
+                for j in range(n_in_image):
+                    w, h = rng.uniform(40, 160, 2)
+                    x1, y1 = rng.uniform(0, IMAGE_PX - w), rng.uniform(0, IMAGE_PX - h)
+                    bbox = [float(x1), float(y1), float(x1 + w), float(y1 + h)]
+                    bboxes.append(bbox)
+                    c = int(clusters_arr[j])
+                    own = c >= 0 and rng.random() < 0.9
+                    tag = cluster_tag[c] if own else TAGS[rng.integers(len(TAGS))]
+                    columns["batch_folder"].append(batch_folder)
+                    columns["username"].append(username)
+                    columns["res_name"].append(f"{image_name}.json")
+                    columns["bbox"].append(json.dumps(bbox))
+                    columns["tag"].append(str(tag))
+                    columns["score"].append(round(float(rng.uniform(0.3, 1.0)), 2))
+                    columns["idx"].append(j)
+                    columns["image_name"].append(image_name)
+                    raw_tag = f"{tag}|{TAGS[(TAGS.index(str(tag)) + 1) % len(TAGS)]}"
+                    columns["raw_tag"].append(raw_tag)
+                if img_root is not None:
+                    image_path = str(img_root / username / f"{image_name}.jpg")
+                    user_images.append((image_path, bboxes, clusters_arr.tolist()))
+                truth_rows.append(clusters_arr)
+                row += n_in_image
+            if drawer is not None:
+                drawer.submit(user_images)
+            table = pa.table(columns)
+            if writer is None:
+                writer = pacsv.CSVWriter(str(csv_path), table.schema)
+            writer.write_table(table)
+        if drawer is not None:
+            drawer.finish()
+    finally:
+        if drawer is not None:
+            drawer.cancel()
     assert writer is not None
     writer.close()
     if matrix is not None:
