@@ -53,7 +53,7 @@ SAMPLE_COLUMNS: tuple[str, ...] = (
 SIM_BIN_EDGES = np.linspace(-1.0, 1.0, 101)
 #: Fields an ``input.image_template`` may use (a row of the objects table).
 IMAGE_TEMPLATE_FIELDS = ("batch_folder", "username", "res_name", "image_name", "idx", "tag")
-THUMB_VERSION = "1"  # bump when the crop rule changes, so old thumbnails are not reused
+THUMB_VERSION = "2"  # bump when the crop rule changes, so old thumbnails are not reused
 
 STATUS_LABELS = {
     schema.STATUS_KEPT: "kept",
@@ -315,7 +315,7 @@ def _thumbs_of_images(
                         box = (math.floor(box[0] * scale), math.floor(box[1] * scale),
                                math.ceil(box[2] * scale), math.ceil(box[3] * scale))  # fmt: skip
                     crop = crop_thumbnail(image, box, (thumb.width, thumb.height))
-                    crop.save(out_dir / thumb.name, "JPEG", quality=85)
+                    crop.save(out_dir / thumb.name, "JPEG", quality=88, subsampling=0)
                     stats.made += 1
         except (UnidentifiedImageError, OSError, ValueError):
             stats.unreadable += len(items)
