@@ -147,7 +147,19 @@ def groups(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Check the reviewer's groups file, write ins_posts_groups.csv/.parquet, show them in the report."""
+    """Check the reviewer's groups file, write ins_posts_groups.csv/.parquet, show them in the report.
+
+    The YAML file names each group, its kept clusters (ids from the report) and
+    optionally object ids to leave out, e.g.:
+
+    \b
+    groups:
+      - name: shoes
+        clusters: [3, 17]
+        exclude_objects: [1234]
+      - name: bags
+        clusters: [42]
+    """
     from .groups import apply_groups
     from .plan import OutputPaths
     from .report import write_report

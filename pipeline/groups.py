@@ -95,8 +95,8 @@ def load_groups(path: str | Path) -> GroupsSpec:
     p = Path(path)
     if not p.is_file():
         raise MissingInputError(
-            f"Groups file {source} does not exist. Write it (see README, 'Review and groups') "
-            "or fix report.groups_file."
+            f"Groups file {source} does not exist. Write it (the format: 'pipeline groups "
+            "--help') or fix report.groups_file."
         )
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
@@ -151,11 +151,12 @@ def check_groups(spec: GroupsSpec, summary: pd.DataFrame, source: str = "<groups
             raise InputError(f"{label} must list at least one cluster. Got [] instead.")
         for cluster in group.clusters:
             if cluster not in kept:
-                why = (
-                    "removed by post-processing"
-                    if cluster in sizes.index and sizes.at[cluster, "size"] > 0
-                    else "no such cluster in the run"
-                )
+                if cluster not in sizes.index:
+                    why = "no such cluster in the run"
+                elif sizes.at[cluster, "size"] > 0:
+                    why = "removed by post-processing"
+                else:
+                    why = "an empty cluster"
                 raise InputError(
                     f"{label} must name kept clusters of the run. Got {cluster} instead ({why}). "
                     "Pick ids from the report's cluster index."
