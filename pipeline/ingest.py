@@ -13,6 +13,7 @@ Per-object problems (bad bbox, missing file, wrong dimension, NaN, ...) send the
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -129,9 +130,12 @@ def read_objects_csv(path: str) -> pd.DataFrame:
         raise InputError(f"Objects CSV {path} is empty. It needs a header and one row per object.")
     try:
         with p.open(newline="", encoding="utf-8-sig") as handle:
-            header = next(csv.reader(handle), [])
+            lines = csv.reader(handle)
+            header, first_row = next(lines, []), next(lines, None)
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"Objects CSV {path}: the header cannot be read ({exc}).") from None
+        raise InputError(f"Objects CSV {path}: its first lines cannot be read ({exc}).") from None
+    if first_row is None:
+        raise InputError(f"Objects CSV {path} has a header but no rows.")
     missing = [c for c in schema.REQUIRED_INPUT_COLUMNS if c not in header]
     if missing:
         raise InputError(
@@ -464,6 +468,21 @@ def _raise_on_bad_object(cfg: Config, rejects: pd.DataFrame) -> None:
             f"{first['detail']} "
             "Fix the input, or set ingest.on_bad_object to 'reject' to skip such objects."
         )
+
+
+def tree_fingerprint(root: str) -> str:
+    """Hash of the path, size and mtime of every file under ``root``.
+
+    It changes when any embedding file is added, removed or rewritten, so a rerun redoes
+    the ingest then; the cost is one ``stat`` per file, small next to reading them.
+    """
+    digest = hashlib.sha256()
+    for folder, subfolders, names in os.walk(root):
+        subfolders.sort()
+        for name in sorted(names):
+            st = os.stat(os.path.join(folder, name))
+            digest.update(f"{folder}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- store

@@ -57,12 +57,15 @@ class RunResult:
 
 
 def _input_fingerprint(cfg: Config) -> dict[str, Any]:
-    """Size and mtime of the inputs whose change must redo the ingest."""
+    """Size and mtime of the inputs whose change must redo the ingest (every embedding
+    file included)."""
     out = {}
     for path in (cfg.input.objects_csv, cfg.input.embeddings_matrix):
         if path and Path(path).exists():
             st = Path(path).stat()
             out[path] = [st.st_size, st.st_mtime_ns]
+    if not cfg.input.embeddings_matrix:
+        out[cfg.input.embeddings_root] = ingest_stage.tree_fingerprint(cfg.input.embeddings_root)
     return out
 
 
