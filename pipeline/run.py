@@ -1,9 +1,10 @@
 """Run the stages in plan order, skipping those already complete.
 
-Each stage deletes its completion marker, writes its outputs atomically, then writes a
-marker holding a hash of its config sections and of its upstream marker. A rerun skips a
-stage whose marker matches (and whose outputs exist) unless ``force``; a changed config or
-input redoes that stage and, through the chained hashes, every stage after it.
+Each stage deletes its completion marker and those of the stages after it, writes its
+outputs atomically, then writes a marker holding a hash of its config sections and of its
+upstream marker. A rerun skips a stage whose marker matches (and whose outputs exist)
+unless ``force``; a changed config or input redoes that stage and, through the chained
+hashes, every stage after it.
 """
 
 from __future__ import annotations
@@ -290,7 +291,9 @@ def run(
                 log.info("%s: up to date (marker %s), skipped", stage, key)
                 result.skipped.append(stage)
                 continue
-            _clear_marker(paths, stage)
+            # Its outputs are about to change: neither it nor any stage after it is complete.
+            for later in STAGES[STAGES.index(stage) :]:
+                _clear_marker(paths, later)
             with timed(stage, result.timings):
                 out = STAGE_FUNCTIONS[stage](cfg, paths, ex)
             if stage == "postprocess":

@@ -605,6 +605,15 @@ def test_kill_in_each_stage_then_rerun_equals_an_undisturbed_run(
     assert temporaries(out) == []
     assert_same_final_outputs(OutputPaths.from_config(config_for(base_dataset, out)), clean_run)
 
+    # A rerun with a new threshold killed in postprocess: the old report no longer counts.
+    stricter = [*args, "--set", "postprocess.min_similarity=0.8"]
+    run_child(forkserver, stricter, "postprocess", 1, tmp_path / "paused-again")
+    assert sorted(p.stem for p in (out / "_markers").glob("*.json")) == [
+        "ingest",
+        "predict",
+        "train",
+    ]
+
 
 def test_sigkill_of_the_command_line_mid_train_then_rerun(base_dataset, tmp_path, clean_run):
     """The real entry point, killed from outside as soon as it logs that training started."""
