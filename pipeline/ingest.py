@@ -97,25 +97,38 @@ def clip(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _first_malformed_row(path: Path) -> pacsv.InvalidRow | None:
-    """Re-read the file single-threaded to find the first row with the wrong field count
-    (only then does pyarrow know its line number); called only once reading failed."""
+def _parse_problem(path: Path, exc: pa.ArrowException) -> str:
+    """What breaks the file, naming its first bad line where possible; called only once
+    pyarrow failed, so the extra passes over the file cost nothing on good input."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                got = line[max(0, bad.start - 20) : bad.end + 20]
+                return f"line {number} must be UTF-8 text. Got {got!r} instead. Save it as UTF-8."
     found: list[pacsv.InvalidRow] = []
 
     def keep(row: pacsv.InvalidRow) -> str:
         found.append(row)
         return "error"
 
-    try:
+    try:  # single-threaded: only then does pyarrow know the line number of a bad row
         pacsv.read_csv(
             path,
             read_options=pacsv.ReadOptions(use_threads=False),
             parse_options=pacsv.ParseOptions(newlines_in_values=False, invalid_row_handler=keep),
-            convert_options=pacsv.ConvertOptions(check_utf8=False),
         )
     except pa.ArrowException:
         pass
-    return found[0] if found else None
+    if found:
+        row = found[0]
+        return (
+            f"line {row.number} must have {row.expected_columns} fields like the header. "
+            f"Got {row.actual_columns} ({clip(row.text)!r}) instead. Fix or remove that line."
+        )
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"cannot be parsed: {clip(first, 200)}"
 
 
 def read_objects_csv(path: str) -> pd.DataFrame:
@@ -163,15 +176,7 @@ def read_objects_csv(path: str) -> pd.DataFrame:
             ),
         )
     except pa.ArrowException as exc:
-        row = _first_malformed_row(p)
-        if row is not None:
-            raise InputError(
-                f"Objects CSV {path} line {row.number} must have {row.expected_columns} fields "
-                f"like the header. Got {row.actual_columns} ({clip(row.text)!r}) instead. "
-                "Fix or remove that line."
-            ) from None
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"Objects CSV {path} cannot be parsed: {clip(first, 200)}") from None
+        raise InputError(f"Objects CSV {path} {_parse_problem(p, exc)}") from None
     if table.column_names != header:
         raise InputError(
             f"Objects CSV {path}: the header cannot be read consistently "

@@ -286,6 +286,12 @@ def append_short_line(ds):
         handle.write("a,b,c\n")
 
 
+def break_utf8_on_line_101(ds):
+    lines = ds.objects_csv.read_bytes().splitlines(keepends=True)
+    lines[100] = lines[100].replace(b"user_", b"us\xff\xfeer_")
+    ds.objects_csv.write_bytes(b"".join(lines))
+
+
 def set_key(section: str, key: str, value):
     return lambda data: data[section].update({key: value})
 
@@ -325,6 +331,8 @@ ERROR_CASES = [
     ErrorCase("line with too few fields", 1,
               ("{csv} line 1502 must have 9 fields", "Got 3 ('a,b,c') instead"),
               damage=append_short_line),
+    ErrorCase("a line that is not UTF-8", 1, ("{csv} line 101 must be UTF-8 text. Got b'",),
+              damage=break_utf8_on_line_101),
     ErrorCase("a column the pipeline adds", 1, ("{csv} has column(s) ['cluster']", "Rename"),
               damage=add_cluster_column),
     ErrorCase("embeddings root missing", 1, ("Embeddings root", "Set input.embeddings_root"),
