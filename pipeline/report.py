@@ -449,7 +449,11 @@ def html_table(
     prefix: str = "",
 ) -> str:
     """A small frame as an HTML table; cells carry their exact value in ``data-value``."""
-    head = "".join(f'<th class="num" data-col="{esc(c)}">{esc(h)}</th>' for c, h in headers.items())
+    numeric = {c for c in headers if pd.api.types.is_numeric_dtype(frame[c])}
+    align = {c: ' class="num"' if c in numeric else "" for c in headers}
+    head = "".join(
+        f'<th{align[c]} data-col="{esc(c)}">{esc(h)}</th>' for c, h in headers.items()
+    )
     rows = []
     for record in frame[list(headers)].to_dict("records"):
         cells = []
@@ -473,14 +477,22 @@ def html_table(
     )
 
 
-def _nice_ceiling(value: float) -> float:
-    if value <= 0:
-        return 1.0
-    magnitude = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 2.5, 5, 10):
-        if step * magnitude >= value:
-            return step * magnitude
-    return 10 * magnitude  # pragma: no cover
+def nice_ticks(top: float, n: int = 4) -> list[float]:
+    """Axis ticks from 0 to at least ``top`` in about ``n`` round steps (1, 2 or 5 x 10^k).
+
+    >>> nice_ticks(250)
+    [0, 100, 200, 300]
+    >>> nice_ticks(3)
+    [0, 1, 2, 3]
+    """
+    if top <= 0:
+        return [0, 1]
+    raw = top / n
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    step = max(step, 1) if top >= 1 else step
+    count = math.ceil(top / step - 1e-9)
+    return [round(i * step, 10) if step < 1 else int(i * step) for i in range(count + 1)]
 
 
 def svg_bars(
@@ -502,20 +514,20 @@ def svg_bars(
     left, right, top, bottom = 64, 16, 34, 50
     plot_w, plot_h = width - left - right, height - top - bottom
     n = max(1, len(labels))
-    y_max = _nice_ceiling(max((float(np.max(v)) for _, v, _ in series if len(v)), default=1.0))
+    ticks = nice_ticks(max((float(np.max(v)) for _, v, _ in series if len(v)), default=1.0))
+    y_max = ticks[-1]
     slot = plot_w / n
     out = [
         f'<svg class="chart" role="img" aria-label="{esc(title)}" viewBox="0 0 {width} {height}" '
         f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
         f'<text x="{left}" y="18" class="chart-title">{esc(title)}</text>',
     ]
-    for i in range(5):
-        value = y_max * i / 4
-        y = top + plot_h - plot_h * i / 4
+    for value in ticks:
+        y = top + plot_h - plot_h * value / y_max
         out.append(
             f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
         )
-        label = f"{value:,.0f}" if y_max >= 4 else f"{value:g}"
+        label = f"{value:,}" if isinstance(value, int) else f"{value:g}"
         out.append(
             f'<text x="{left - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">{label}</text>'
         )
@@ -533,7 +545,8 @@ def svg_bars(
                 f'height="{h:.2f}" fill="{colour}"{opacity}><title>{esc(labels[i])}: '
                 f"{int(value):,} ({esc(name)})</title></rect>"
             )
-    step = max(1, math.ceil(n / 14))
+    longest = max((len(label) for label in labels), default=1)
+    step = max(1, math.ceil(n / 14), math.ceil(longest * 6.5 / slot))
     for i in range(0, n, step):
         x = left + (i + 0.5) * slot
         out.append(
