@@ -62,6 +62,13 @@ STATUS_LABELS = {
     schema.STATUS_SMALL_CLUSTER: "small cluster",
 }
 
+#: Column-sized names of the removing steps, as the cluster index shows them.
+SHORT_LABELS = {
+    schema.STATUS_DUPLICATE: "dup",
+    schema.STATUS_LOW_SIMILARITY: "sim",
+    schema.STATUS_SMALL_CLUSTER: "size",
+}
+
 
 # --------------------------------------------------------------------------- data (pure)
 
@@ -109,7 +116,7 @@ def select_samples(candidates: pd.DataFrame, n: int) -> pd.DataFrame:
 
 def similarity_counts(labelled: pd.DataFrame) -> dict[str, np.ndarray]:
     """Histogram counts over :data:`SIM_BIN_EDGES`: all rows, and the rows kept."""
-    sim = labelled["sim"].to_numpy(dtype=np.float64)
+    sim = np.clip(labelled["sim"].to_numpy(dtype=np.float64), -1.0, 1.0)  # float32 may pass 1
     kept = (labelled[schema.STATUS] == schema.STATUS_KEPT).to_numpy()
     return {
         "all": np.histogram(sim, SIM_BIN_EDGES)[0],
@@ -143,6 +150,11 @@ class ClusterState:
     def explanation(self) -> str:
         parts = [f"{n:,} {STATUS_LABELS[s]} ({s})" for s, n in self.removed_by.items() if n]
         return "; ".join(parts)
+
+    @property
+    def short(self) -> str:
+        """E.g. ``"dup 3 · sim 40"``: the rows each step removed (see :data:`SHORT_LABELS`)."""
+        return " · ".join(f"{SHORT_LABELS[s]} {n:,}" for s, n in self.removed_by.items() if n)
 
 
 def cluster_state(row: pd.Series | dict) -> ClusterState:
@@ -846,6 +858,7 @@ INDEX_COLUMNS = (
     ("mean_sim", "Mean sim", "num"),
     ("mean_sim_final", "Mean sim (kept)", "num"),
     ("mean_dist", "Mean dist", "num"),
+    ("removed_by", "Removed by", "text"),
     ("dominant_tags", "Dominant tags", "text"),
     ("group", "Group", "text"),
 )
@@ -876,6 +889,7 @@ def _index_section(inputs: ReportInputs, firsts: dict[int, str]) -> str:
             cells.append(
                 f'<td class="num" data-col="{col}" data-value="{raw(rec[col])}">{fmt_float(rec[col])}</td>'
             )
+        cells.append(f'<td data-col="removed_by" class="small">{esc(state.short)}</td>')
         cells.append(f'<td data-col="dominant_tags">{esc(rec["dominant_tags"])}</td>')
         cells.append(f'<td data-col="group">{esc(groups.get(c, ""))}</td>')
         rows.append(f'<tr data-cluster="{c}" data-state="{state.state}">{"".join(cells)}</tr>')
@@ -887,7 +901,9 @@ def _index_section(inputs: ReportInputs, firsts: dict[int, str]) -> str:
     return (
         f'<section id="clusters"><h2>All clusters</h2><p class="muted">Click a column to sort; '
         "<b>whole</b>: every member kept, <b>shrunk</b>: some removed, <b>removed</b>: none left "
-        "(hover the badge for what removed them).</p>"
+        "(hover the badge for what removed them). Removed by: rows each step removed "
+        "(<b>dup</b>: duplicate image, <b>sim</b>: low similarity, <b>size</b>: small cluster)."
+        "</p>"
         '<div class="controls"><input id="cluster-filter" type="search" placeholder="Filter by tag, '
         'id or group">'
         f'<select id="state-filter"><option value="">all states ({len(inputs.summary)})</option>{options}</select>'
@@ -1025,7 +1041,7 @@ header { background: #fff; border-bottom: 1px solid var(--line); padding: 12px 2
 header h1 { margin: 4px 0; font-size: 22px; }
 header nav a { margin-right: 18px; }
 main { padding: 4px 28px 40px; }
-section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 8px 20px 16px;
+section { overflow-x: auto; background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 8px 20px 16px;
   margin: 16px 0; }
 h2 { font-size: 17px; margin: 14px 0 8px; } h3 { font-size: 14px; margin: 10px 0 6px; }
 a { color: var(--accent); text-decoration: none; } a:hover { text-decoration: underline; }
@@ -1058,6 +1074,7 @@ td.preview { padding: 2px 6px; } td.preview img { display: block; border-radius:
 .meta-card { display: flex; flex-direction: column; align-items: center; justify-content: center;
   gap: 2px; width: 100%; height: 100%; border: 2px dashed #b8c2cc; border-radius: 4px; font-size: 11px; }
 .meta-tag { font-size: 15px; font-weight: 700; }
+td.small { font-size: 12px; color: var(--muted); white-space: nowrap; }
 svg.chart { max-width: 100%; height: auto; font-size: 11px; }
 svg .chart-title { font-size: 13px; font-weight: 600; fill: var(--fg); }
 svg .tick { fill: var(--muted); } svg .axis-label { fill: var(--fg); font-size: 12px; }
