@@ -17,8 +17,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import string
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -229,9 +230,8 @@ def validate_rows(raw: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, pd.Seri
     bbox_ok = np.fromiter((_is_bbox(s) for s in raw["bbox"]), dtype=bool, count=len(raw))
     explain(mark(~bbox_ok, "bad_bbox"), "bbox", _BBOX_RULE)
 
-    typed = raw.copy()
-    typed["score"] = score
-    typed["idx"] = np.where(idx_ok, idx_vals, -1).astype("int64")
+    # Copy-on-write: the new frame shares every unchanged column with ``raw``.
+    typed = raw.assign(score=score, idx=np.where(idx_ok, idx_vals, -1).astype("int64"))
     clean = typed[reason == ""]
     first_row = (
         pd.Series(clean.index, index=clean.index)
@@ -272,8 +272,50 @@ def _first_line(exc: Exception) -> str:
     return clip(f"{type(exc).__name__}: {lines[0] if lines else ''}", 200)
 
 
-def _load_file(job: _FileJob, dim: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """Vectors of one file's objects, plus a reason and a detail per object ('' = fine)."""
+_NPY_V1_HEADER = re.compile(
+    rb"\{'descr': '([<>|]?[fiu][0-9]+)', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \}"
+)
+
+
+def read_npy(path: str) -> np.ndarray:
+    """Read a small 2-D ``.npy`` file, ~6x faster than ``np.load`` for the common case.
+
+    Ingest reads one file per image, so ``np.load``'s per-file cost (a Python-level
+    header parse) dominates. Files whose header ``np.save`` writes for a C-ordered 2-D
+    array are parsed with one regular expression and checked for a truncated body; any
+    other file goes to ``np.load``, which raises on anything corrupt.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data[:8] == b"\x93NUMPY\x01\x00" and len(data) >= 10:
+        header_end = 10 + int.from_bytes(data[8:10], "little")
+        match = _NPY_V1_HEADER.match(data, 10, header_end)
+        if match:
+            dtype = np.dtype(match.group(1).decode())
+            shape = (int(match.group(2)), int(match.group(3)))
+            if len(data) - header_end != shape[0] * shape[1] * dtype.itemsize:
+                raise ValueError(
+                    f"the data holds {len(data) - header_end} bytes; its header "
+                    f"{shape} {dtype} needs {shape[0] * shape[1] * dtype.itemsize}"
+                )
+            return np.frombuffer(data, dtype, shape[0] * shape[1], header_end).reshape(shape)
+    return np.load(path, allow_pickle=False)
+
+
+def _load_file(
+    job: _FileJob, dim: int
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Vectors of one file's objects, plus a reason and a detail per object ('' = fine);
+    the reasons and details are ``None`` when every object is fine (the common case, kept
+    cheap because ingest reads one small file per image)."""
+    try:
+        array = read_npy(job.path)
+        if array.ndim == 2 and array.shape[1] == dim and array.dtype.kind == "f":
+            vectors = np.asarray(array[job.idx], dtype=np.float32)  # IndexError: idx too big
+            if np.isfinite(vectors).all() and (vectors != 0).any(axis=1).all():
+                return vectors, None, None
+    except Exception:  # the slow path below says what is wrong
+        pass
     n = len(job.idx)
     reasons = np.full(n, "", dtype=object)
     details = np.full(n, "", dtype=object)
@@ -291,7 +333,7 @@ def _load_file(job: _FileJob, dim: int) -> tuple[np.ndarray | None, np.ndarray, 
             "missing_embedding_file", f"The embedding file {job.path} does not exist."
         )
     try:
-        array = np.load(job.path, allow_pickle=False)
+        array = read_npy(job.path)
     except Exception as exc:  # truncated header, bad magic, short data: all "corrupt"
         return reject_all(
             "corrupt_embedding_file", f"{job.path} cannot be read as .npy ({_first_line(exc)})."
@@ -342,35 +384,63 @@ def _user_folder_template(template: str) -> str | None:
     return None
 
 
-def _file_jobs(objects: pd.DataFrame, cfg: Config) -> list[_FileJob]:
-    """One job per embedding file, grouping the objects the template maps to it."""
-    root = Path(cfg.input.embeddings_root)
-    template = cfg.input.embeddings_template
-    user_template = _user_folder_template(template)
-    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
-    keys = list(dict.fromkeys(["username", *fields]))
-    jobs = []
-    positions = objects["object_id"].to_numpy()
-    idx = objects["idx"].to_numpy()
-    # ``sort=False`` keeps CSV order, so files are read in the order they were written.
-    for key, rows in objects.groupby(keys, sort=False).indices.items():
-        values = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
-        jobs.append(
-            _FileJob(
-                path=str(root / template.format(**values)),
-                user_dir=str(root / user_template.format(**values)) if user_template else "",
-                positions=positions[rows],
-                idx=idx[rows],
+class FileGroups:
+    """The embedding files of the objects, grouped without one Python object per file.
+
+    Files are numbered in order of first appearance in the CSV (the order they were
+    written); :meth:`jobs` builds the read jobs of a range of files only when needed, so
+    memory stays a few arrays of one entry per object, even for millions of files.
+    """
+
+    def __init__(self, objects: pd.DataFrame, cfg: Config):
+        self.root = Path(cfg.input.embeddings_root)
+        self.template = cfg.input.embeddings_template
+        self.user_template = _user_folder_template(self.template)
+        fields = [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
+        self.keys = list(dict.fromkeys(["username", *fields]))
+        codes = objects.groupby(self.keys, sort=False).ngroup().to_numpy()
+        self.order = np.argsort(codes, kind="stable")
+        self.starts = np.searchsorted(codes[self.order], np.arange(codes.max() + 2))
+        self.objects = objects[[*self.keys, "object_id", "idx"]]
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def jobs(self, first: int, last: int) -> list[_FileJob]:
+        """Read jobs of files ``first`` to ``last - 1``."""
+        rows = self.order[self.starts[first] : self.starts[last]]
+        part = self.objects.take(rows)
+        positions, idx = part["object_id"].to_numpy(), part["idx"].to_numpy()
+        heads = (self.starts[first:last] - self.starts[first]).tolist()
+        columns = [part[key].to_numpy(dtype=object)[heads] for key in self.keys]
+        bounds = [*heads, len(rows)]
+        root = f"{self.root}/"
+        jobs = []
+        for g, values in enumerate(zip(*columns, strict=True)):
+            fields = dict(zip(self.keys, values, strict=True))
+            user = self.user_template.format_map(fields) if self.user_template else ""
+            jobs.append(
+                _FileJob(
+                    path=root + self.template.format_map(fields),
+                    user_dir=root + user if user else "",
+                    positions=positions[bounds[g] : bounds[g + 1]],
+                    idx=idx[bounds[g] : bounds[g + 1]],
+                )
             )
-        )
-    return jobs
+        return jobs
+
+    def batches(self, files_per_batch: int) -> Iterator[list[_FileJob]]:
+        for first in range(0, len(self), files_per_batch):
+            yield self.jobs(first, min(first + files_per_batch, len(self)))
 
 
-def _infer_dim(jobs: list[_FileJob]) -> int:
+def _infer_dim(files: FileGroups) -> int:
     """The most common width among a sample of files spread over the whole input, so that
     a few files in another dimension (a model change) are the ones rejected."""
     widths: Counter[int] = Counter()
-    for job in jobs[:: max(1, len(jobs) // _DIM_SAMPLE_FILES)]:
+    step = max(1, len(files) // _DIM_SAMPLE_FILES)
+    sample = [job for f in range(0, len(files), step) for job in files.jobs(f, f + 1)]
+    for job in sample:
         try:
             array = np.load(job.path, mmap_mode="r", allow_pickle=False)
         except Exception:
@@ -380,37 +450,72 @@ def _infer_dim(jobs: list[_FileJob]) -> int:
     if not widths:
         raise InputError(
             "Cannot infer the embedding dimension: none of the sampled embedding files is a 2-D "
-            f"float .npy (e.g. {jobs[0].path}). Check input.embeddings_root and "
+            f"float .npy (e.g. {sample[0].path}). Check input.embeddings_root and "
             "input.embeddings_template, or set ingest.dim."
         )
     return widths.most_common(1)[0][0]
 
 
-def _batched(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _load_batch(jobs: list[_FileJob], dim: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """Load a batch of files: positions and vectors of the good objects, stacked, and
+    ``(positions, reasons, details)`` of each file that has rejected objects."""
+    positions, blocks, problems = [], [], []
+    for job in jobs:
+        vectors, reasons, details = _load_file(job, dim)
+        if reasons is None:
+            positions.append(job.positions)
+            blocks.append(vectors)
+            continue
+        bad = reasons != ""
+        if bad.any():
+            problems.append((job.positions[bad], reasons[bad], details[bad]))
+        if vectors is not None and not bad.all():
+            positions.append(job.positions[~bad])
+            blocks.append(vectors[~bad])
+    if not blocks:
+        return np.empty(0, np.int64), np.empty((0, dim), np.float32), problems
+    return np.concatenate(positions), np.concatenate(blocks), problems
+
+
+def bounded_map(pool: ThreadPoolExecutor, fn, items: Iterator, ahead: int) -> Iterator:
+    """``pool.map`` in order, but with at most ``ahead`` items in flight: the stock ``map``
+    submits every item at once, so loaded results could pile up without bound.
+
+    >>> with ThreadPoolExecutor(2) as pool:
+    ...     list(bounded_map(pool, lambda x: x * x, iter(range(5)), ahead=2))
+    [0, 1, 4, 9, 16]
+    """
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def fill_memmap_from_files(
-    jobs: list[_FileJob], n_rows: int, memmap: np.memmap, dim: int, progress: bool
-) -> tuple[np.ndarray, np.ndarray]:
+    batches: Iterator[list[_FileJob]], n_files: int, n_rows: int, memmap: np.memmap, dim: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Read every embedding file once (threads) and write its rows at their object ids.
 
-    Returns the reason per object ('' = ingested) and a detail string per object.
+    ``batches`` yields lists of file jobs; each batch is stacked and written to the memmap at
+    once. Returns the reason per object ('' = ingested) and a detail string per object.
     """
     reasons = np.full(n_rows, "", dtype=object)
     details = np.full(n_rows, "", dtype=object)
-    bar = tqdm(total=len(jobs), desc="ingest: read embeddings", unit="file", disable=not progress)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for batch in pool.map(
-            lambda b: [(job, *_load_file(job, dim)) for job in b], _batched(jobs, _FILES_PER_TASK)
-        ):
-            for job, vectors, file_reasons, file_details in batch:
-                if vectors is not None:
-                    memmap[job.positions] = vectors
-                reasons[job.positions] = file_reasons
-                details[job.positions] = file_details
-            bar.update(len(batch))
+    bar = tqdm(total=n_files, desc="ingest: read embeddings", unit="file", disable=not progress)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        loaded = bounded_map(
+            pool, lambda batch: (len(batch), *_load_batch(batch, dim)), batches, ahead=4
+        )
+        for n_batch_files, positions, vectors, problems in loaded:
+            memmap[positions] = vectors
+            for bad_positions, bad_reasons, bad_details in problems:
+                reasons[bad_positions] = bad_reasons
+                details[bad_positions] = bad_details
+            bar.update(n_batch_files)
     bar.close()
     return reasons, details
 
@@ -579,15 +684,15 @@ def ingest(cfg: Config, paths: OutputPaths, progress: bool = True) -> IngestResu
             raise MissingInputError(
                 f"Embeddings root {root} does not exist. Set input.embeddings_root."
             )
-        jobs = _file_jobs(candidates, cfg)
-        dim = cfg.ingest.dim or _infer_dim(jobs)
+        files = FileGroups(candidates, cfg)
+        dim = cfg.ingest.dim or _infer_dim(files)
 
     memmap = _open_memmap(paths.memmap, len(candidates), dim)
     if cfg.input.embeddings_matrix:
         emb_reasons, emb_details = fill_memmap_from_matrix(candidates, matrix, memmap, progress)
     else:
         emb_reasons, emb_details = fill_memmap_from_files(
-            jobs, len(candidates), memmap, dim, progress
+            files.batches(_FILES_PER_TASK), len(files), len(candidates), memmap, dim, progress
         )
     memmap.flush()
 
