@@ -135,7 +135,8 @@ def size_histogram(sizes: pd.Series) -> tuple[list[str], np.ndarray]:
     n_bins = int(math.floor(math.log2(top))) + 1
     edges = 2 ** np.arange(n_bins + 1)
     counts = np.histogram(live, edges)[0]
-    labels = [f"{lo}" if hi - lo == 1 else f"{lo}–{hi - 1}" for lo, hi in zip(edges, edges[1:])]
+    pairs = zip(edges[:-1], edges[1:], strict=True)
+    labels = [f"{lo}" if hi - lo == 1 else f"{lo}–{hi - 1}" for lo, hi in pairs]
     return labels, counts
 
 
@@ -160,10 +161,11 @@ class ClusterState:
 def cluster_state(row: pd.Series | dict) -> ClusterState:
     """Classify one ``cluster_summary`` row and count the members each step removed.
 
-    >>> cluster_state({"size": 12, "size_after_dedupe": 10, "size_after_similarity": 4,
-    ...                "size_final": 0}).explanation
-    '2 duplicate image (removed:duplicate_image); 6 low similarity (removed:low_similarity); 4 small cluster (removed:small_cluster)'
-    """  # noqa: E501
+    >>> state = cluster_state({"size": 12, "size_after_dedupe": 10,
+    ...                        "size_after_similarity": 4, "size_final": 0})
+    >>> state.state, state.short
+    ('removed', 'dup 2 · sim 6 · size 4')
+    """
     size, dedupe = int(row["size"]), int(row["size_after_dedupe"])
     similar, final = int(row["size_after_similarity"]), int(row["size_final"])
     removed_by = {
@@ -562,10 +564,12 @@ def svg_bars(
     for i in range(0, n, step):
         x = left + (i + 0.5) * slot
         out.append(
-            f'<text x="{x:.1f}" y="{top + plot_h + 16}" class="tick" text-anchor="middle">{esc(labels[i])}</text>'
+            f'<text x="{x:.1f}" y="{top + plot_h + 16}" class="tick" text-anchor="middle">'
+            f'{esc(labels[i])}</text>'
         )
     out.append(
-        f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" class="axis"/>'
+        f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" '
+        'class="axis"/>'
     )
     if marker is not None:
         x = left + marker[0] * slot
@@ -573,10 +577,12 @@ def svg_bars(
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" class="marker"/>'
         )
         out.append(
-            f'<text x="{x + 4:.1f}" y="{top + 12}" class="tick marker-label">{esc(marker[1])}</text>'
+            f'<text x="{x + 4:.1f}" y="{top + 12}" class="tick marker-label">'
+            f'{esc(marker[1])}</text>'
         )
     out.append(
-        f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" class="axis-label" text-anchor="middle">{esc(x_label)}</text>'
+        f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" class="axis-label" '
+        f'text-anchor="middle">{esc(x_label)}</text>'
     )
     out.append(
         f'<text transform="translate(14 {top + plot_h / 2:.1f}) rotate(-90)" class="axis-label" '
@@ -604,10 +610,12 @@ def svg_funnel(funnel_table: pd.DataFrame, width: int = 760) -> str:
         y = 6 + i * row_h
         w = (width - left - right) * int(rec["rows"]) / top_rows
         out.append(
-            f'<text x="{left - 8}" y="{y + 16}" class="tick" text-anchor="end">{esc(rec["step"])}</text>'
+            f'<text x="{left - 8}" y="{y + 16}" class="tick" text-anchor="end">'
+            f'{esc(rec["step"])}</text>'
         )
         out.append(
-            f'<rect x="{left}" y="{y + 3}" width="{max(w, 1):.1f}" height="{row_h - 8}" fill="#2563eb">'
+            f'<rect x="{left}" y="{y + 3}" width="{max(w, 1):.1f}" height="{row_h - 8}" '
+            'fill="#2563eb">'
             f"<title>{esc(rec['step'])}: {int(rec['rows']):,} rows</title></rect>"
         )
         out.append(
@@ -638,7 +646,8 @@ def picture(thumb: Thumb | None, row: dict, px: int, prefix: str) -> str:
     size = f"{box[2] - box[0]}×{box[3] - box[1]} px" if box else "no box"
     return (
         f'<div class="meta-card" title="no image: metadata only"><span class="meta-tag">'
-        f"{esc(row['tag'])}</span><span>{esc(size)}</span><span>score {fmt_float(row['score'], 2)}</span>"
+        f"{esc(row['tag'])}</span><span>{esc(size)}</span><span>score "
+        f"{fmt_float(row['score'], 2)}</span>"
         f'<span class="muted">no image</span></div>'
     )
 
@@ -650,9 +659,11 @@ def sample_card(row: dict, thumb: Thumb | None, px: int, prefix: str) -> str:
         f'<figure class="card {kind}" data-object="{int(row[schema.OBJECT_ID])}">'
         f'<div class="pic">{picture(thumb, row, px, prefix)}</div><figcaption>'
         f"<div><b>sim {fmt_float(row['sim'])}</b> · dist {fmt_float(row['dist'])}</div>"
-        f'<div class="status {kind}" title="{esc(status)}">{esc(STATUS_LABELS.get(status, status))}</div>'
+        f'<div class="status {kind}" title="{esc(status)}">'
+        f'{esc(STATUS_LABELS.get(status, status))}</div>'
         f"<div>{esc(row['tag'])} · score {fmt_float(row['score'], 2)}</div>"
-        f'<div class="muted" title="{esc(row["username"])}/{esc(row["image_name"])} idx {esc(row["idx"])}">'
+        f'<div class="muted" title="{esc(row["username"])}/{esc(row["image_name"])} idx '
+        f'{esc(row["idx"])}">'
         f"{esc(row['username'])}<br>{esc(str(row['image_name'])[:12])}… #{esc(row['idx'])}</div>"
         f'<div class="muted">object {int(row[schema.OBJECT_ID])}</div>'
         "</figcaption></figure>"
@@ -705,7 +716,8 @@ def _header(inputs: ReportInputs) -> str:
         f"{esc(inputs.root)} · {int(summary['size'].sum()):,} clustered objects in "
         f"{len(summary):,} clusters → {int(summary['size_final'].sum()):,} selected objects in "
         f"{int((summary['size_final'] > 0).sum()):,} clusters · post-processing: {esc(dedupe)}"
-        f"cosine similarity &gt; {pp.min_similarity}, clusters of at least {pp.min_cluster_size}</p>"
+        f"cosine similarity &gt; {pp.min_similarity}, clusters of at least "
+        f"{pp.min_cluster_size}</p>"
         '<nav><a href="#funnel">Funnel</a><a href="#sizes">Top and tail</a>'
         '<a href="#plots">Distributions</a><a href="#groups">Groups</a>'
         '<a href="#clusters">All clusters</a></nav></header>'
@@ -725,7 +737,8 @@ def _funnel_section(funnel_table: pd.DataFrame) -> str:
         "funnel-table",
     )
     return (
-        f'<section id="funnel"><h2>Funnel</h2><div class="split">{table}{svg_funnel(funnel_table, 620)}</div>'
+        '<section id="funnel"><h2>Funnel</h2><div class="split">'
+        f'{table}{svg_funnel(funnel_table, 620)}</div>'
         f'<p class="muted">{esc(note)}</p></section>'
     )
 
@@ -797,7 +810,10 @@ def _plots_section(inputs: ReportInputs) -> str:
         overlay=True,
         marker=((threshold - edges[0]) / bin_w, f"threshold {threshold}"),
     )
-    return f'<section id="plots"><h2>Distributions</h2><div class="split">{sizes}{sims}</div></section>'
+    return (
+        f'<section id="plots"><h2>Distributions</h2><div class="split">{sizes}{sims}</div>'
+        "</section>"
+    )
 
 
 def _preview(inputs: ReportInputs, cluster: int, prefix: str, px: int) -> str:
@@ -818,8 +834,10 @@ def _groups_section(inputs: ReportInputs, firsts: dict[int, str]) -> str:
     if inputs.groups_source is None:
         return (
             '<section id="groups"><h2>Groups</h2><p class="muted">No groups file. Pick clusters '
-            "below, list them in a YAML file (<code>groups: [{name: shoes, clusters: [3, 17]}]</code>), "
-            "set <code>report.groups_file</code> and run <code>pipeline groups</code>.</p></section>"
+            "below, list them in a YAML file (<code>groups: [{name: shoes, clusters: [3, "
+            "17]}]</code>), "
+            "set <code>report.groups_file</code> and run <code>pipeline groups</code>.</p>"
+            "</section>"
         )
     if inputs.groups_error is not None:
         return (
@@ -835,14 +853,16 @@ def _groups_section(inputs: ReportInputs, firsts: dict[int, str]) -> str:
             for c in clusters
         )
         rows.append(
-            f'<tr data-group="{esc(name)}"><td>{esc(name)}</td><td class="num" data-value="{len(members)}">'
+            f'<tr data-group="{esc(name)}"><td>{esc(name)}</td><td class="num" '
+            f'data-value="{len(members)}">'
             f'{len(members):,}</td><td class="num">{len(clusters)}</td><td>{chips}</td></tr>'
         )
     return (
         f'<section id="groups"><h2>Groups</h2><p class="muted">From {esc(inputs.groups_source)}; '
         f"<code>pipeline groups</code> writes them to <code>ins_posts_groups.csv</code>.</p>"
         '<table id="groups-table"><thead><tr><th>Group</th><th class="num">Objects</th>'
-        f'<th class="num">Clusters</th><th>Clusters (top sample)</th></tr></thead><tbody>{"".join(rows)}'
+        '<th class="num">Clusters</th><th>Clusters (top sample)</th></tr></thead><tbody>'
+        f'{"".join(rows)}'
         "</tbody></table></section>"
     )
 
@@ -867,7 +887,9 @@ INDEX_COLUMNS = (
 def _index_section(inputs: ReportInputs, firsts: dict[int, str]) -> str:
     groups = inputs.group_of
     head = "".join(
-        f'<th data-col="{c}"' + (f' data-type="{t}"' if t else "") + (' class="num"' if t == "num" else "")
+        f'<th data-col="{c}"'
+        + (f' data-type="{t}"' if t else "")
+        + (' class="num"' if t == "num" else "")
         + (' aria-sort="descending"' if c == "size" else "") + f">{esc(h)}</th>"
         for c, h, t in INDEX_COLUMNS
     )  # fmt: skip
@@ -879,15 +901,18 @@ def _index_section(inputs: ReportInputs, firsts: dict[int, str]) -> str:
         cells = [
             f'<td class="num" data-col="cluster" data-value="{c}">{cluster_link(c)}</td>',
             f'<td class="preview">{firsts.get(c, "")}</td>',
-            f'<td data-col="state" data-value="{state.state}" title="{esc(state.explanation)}">{badge(state.state)}</td>',
+            f'<td data-col="state" data-value="{state.state}" title="{esc(state.explanation)}">'
+            f'{badge(state.state)}</td>',
         ]
         for col in ("size", "size_after_dedupe", "size_after_similarity", "size_final"):
             cells.append(
-                f'<td class="num" data-col="{col}" data-value="{int(rec[col])}">{int(rec[col]):,}</td>'
+                f'<td class="num" data-col="{col}" data-value="{int(rec[col])}">'
+                f'{int(rec[col]):,}</td>'
             )
         for col in ("mean_sim", "mean_sim_final", "mean_dist"):
             cells.append(
-                f'<td class="num" data-col="{col}" data-value="{raw(rec[col])}">{fmt_float(rec[col])}</td>'
+                f'<td class="num" data-col="{col}" data-value="{raw(rec[col])}">'
+                f'{fmt_float(rec[col])}</td>'
             )
         cells.append(f'<td data-col="removed_by" class="small">{esc(state.short)}</td>')
         cells.append(f'<td data-col="dominant_tags">{esc(rec["dominant_tags"])}</td>')
@@ -904,9 +929,11 @@ def _index_section(inputs: ReportInputs, firsts: dict[int, str]) -> str:
         "(hover the badge for what removed them). Removed by: rows each step removed "
         "(<b>dup</b>: duplicate image, <b>sim</b>: low similarity, <b>size</b>: small cluster)."
         "</p>"
-        '<div class="controls"><input id="cluster-filter" type="search" placeholder="Filter by tag, '
+        '<div class="controls"><input id="cluster-filter" type="search" placeholder="Filter by '
+        'tag, '
         'id or group">'
-        f'<select id="state-filter"><option value="">all states ({len(inputs.summary)})</option>{options}</select>'
+        f'<select id="state-filter"><option value="">all states ({len(inputs.summary)})</option>'
+        f'{options}</select>'
         '<span id="cluster-count" class="muted"></span></div>'
         f'<table id="cluster-index" class="sortable"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></section>"
@@ -1014,15 +1041,18 @@ def render_cluster_page(
         if part
     )
     body = (
-        f'<header><nav><a href="../index.html" id="back">← Overview</a>{prev_link}{next_link}</nav>'
+        '<header><nav><a href="../index.html" id="back">← Overview</a>'
+        f"{prev_link}{next_link}</nav>"
         f"<h1>Cluster {c} {badge(state.state)}</h1>"
         f'<p class="sub">Dominant tags: {esc(rec["dominant_tags"] or "–")} · mean similarity '
         f"{fmt_float(rec['mean_sim'])} (kept: {fmt_float(rec['mean_sim_final'])}) · mean distance "
         f"{fmt_float(rec['mean_dist'])}</p></header><main>"
-        f'<section><h2>Sizes after each step</h2><p class="verdict {state.state}">{esc(verdict)}</p>'
+        f'<section><h2>Sizes after each step</h2><p class="verdict {state.state}">'
+        f'{esc(verdict)}</p>'
         f"{group_html}"
         '<table id="cluster-steps"><thead><tr><th>Step</th><th class="num">Rows left</th>'
-        f'<th class="num">Removed</th><th>Status of removed rows</th></tr></thead><tbody>{step_rows}'
+        '<th class="num">Removed</th><th>Status of removed rows</th></tr></thead><tbody>'
+        f'{step_rows}'
         "</tbody></table></section>"
         f"<section>{grids or '<p class=muted>No members.</p>'}</section></main>"
     )
@@ -1041,23 +1071,28 @@ header { background: #fff; border-bottom: 1px solid var(--line); padding: 12px 2
 header h1 { margin: 4px 0; font-size: 22px; }
 header nav a { margin-right: 18px; }
 main { padding: 4px 28px 40px; }
-section { overflow-x: auto; background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 8px 20px 16px;
+section { overflow-x: auto; background: #fff; border: 1px solid var(--line); border-radius: 8px;
+  padding: 8px 20px 16px;
   margin: 16px 0; }
 h2 { font-size: 17px; margin: 14px 0 8px; } h3 { font-size: 14px; margin: 10px 0 6px; }
 a { color: var(--accent); text-decoration: none; } a:hover { text-decoration: underline; }
 .sub, .muted { color: var(--muted); } .error { color: var(--removed); font-weight: 600; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
-th, td { padding: 3px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: middle; }
+th, td { padding: 3px 10px; border-bottom: 1px solid var(--line); text-align: left;
+  vertical-align: middle; }
 th { background: #f0f2f5; font-weight: 600; white-space: nowrap; }
 .num { text-align: right; }
 th[data-type] { cursor: pointer; user-select: none; }
-th[aria-sort="descending"]::after { content: " ▼"; } th[aria-sort="ascending"]::after { content: " ▲"; }
+th[aria-sort="descending"]::after { content: " ▼"; }
+th[aria-sort="ascending"]::after { content: " ▲"; }
 .split { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
-.badge { display: inline-block; padding: 0 8px; border-radius: 10px; font-size: 12px; font-weight: 600;
+.badge { display: inline-block; padding: 0 8px; border-radius: 10px; font-size: 12px;
+  font-weight: 600;
   color: #fff; vertical-align: middle; }
 .badge.whole { background: var(--kept); } .badge.shrunk { background: var(--shrunk); }
 .badge.removed { background: var(--removed); } .badge.empty { background: #9aa5b1; }
-.verdict.removed { color: var(--removed); font-weight: 600; } .verdict.shrunk { color: var(--shrunk); }
+.verdict.removed { color: var(--removed); font-weight: 600; }
+.verdict.shrunk { color: var(--shrunk); }
 .controls { display: flex; gap: 12px; align-items: center; margin: 8px 0; }
 .controls input { width: 260px; padding: 4px 8px; }
 td.preview { padding: 2px 6px; } td.preview img { display: block; border-radius: 3px; }
@@ -1070,9 +1105,11 @@ td.preview { padding: 2px 6px; } td.preview img { display: block; border-radius:
 .card.removed { background: #fff6f6; border-color: #f3c4c4; }
 .card .pic { height: var(--px); display: flex; align-items: center; justify-content: center;
   background: #e9ecf0; border-radius: 4px; overflow: hidden; margin-bottom: 4px; }
-.status { font-weight: 600; } .status.kept { color: var(--kept); } .status.removed { color: var(--removed); }
+.status { font-weight: 600; } .status.kept { color: var(--kept); }
+.status.removed { color: var(--removed); }
 .meta-card { display: flex; flex-direction: column; align-items: center; justify-content: center;
-  gap: 2px; width: 100%; height: 100%; border: 2px dashed #b8c2cc; border-radius: 4px; font-size: 11px; }
+  gap: 2px; width: 100%; height: 100%; border: 2px dashed #b8c2cc; border-radius: 4px;
+  font-size: 11px; }
 .meta-tag { font-size: 15px; font-weight: 700; }
 td.small { font-size: 12px; color: var(--muted); white-space: nowrap; }
 svg.chart { max-width: 100%; height: auto; font-size: 11px; }
@@ -1116,7 +1153,8 @@ JS = """'use strict';
   function filter() {
     var q = text.value.trim().toLowerCase(), s = state.value, shown = 0;
     Array.prototype.forEach.call(table.tBodies[0].rows, function (row) {
-      var ok = (!s || row.dataset.state === s) && (!q || row.textContent.toLowerCase().indexOf(q) >= 0);
+      var ok = (!s || row.dataset.state === s) &&
+        (!q || row.textContent.toLowerCase().indexOf(q) >= 0);
       row.hidden = !ok;
       if (ok) { shown += 1; }
     });
@@ -1168,7 +1206,8 @@ def _scan_labelled(url: str, n: int, n_workers: int) -> tuple[pd.DataFrame, dict
     chosen = select_samples(candidates[[schema.OBJECT_ID, "cluster", "sim"]], n)
     ids = sorted(set(chosen[schema.OBJECT_ID].tolist()))
     if not ids:
-        return chosen.assign(**{c: pd.Series(dtype=object) for c in SAMPLE_COLUMNS if c not in chosen}), counts
+        missing = {c: pd.Series(dtype=object) for c in SAMPLE_COLUMNS if c not in chosen}
+        return chosen.assign(**missing), counts
     rest = [c for c in SAMPLE_COLUMNS if c not in ("cluster", "sim")]
     rows = sinks.read_parquet(url, columns=rest, filters=[(schema.OBJECT_ID, "in", ids)])
     return chosen.merge(rows, on=schema.OBJECT_ID, how="left", validate="many_to_one"), counts

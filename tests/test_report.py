@@ -352,7 +352,8 @@ class Chromium:
             method, params = event.get("method"), event.get("params", {})
             if method == "Runtime.exceptionThrown":
                 details = params["exceptionDetails"]
-                out.append(str(details.get("exception", {}).get("description") or details.get("text")))
+                thrown = details.get("exception", {}).get("description")
+                out.append(str(thrown or details.get("text")))
             elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
                 out.append(" ".join(str(a.get("value")) for a in params.get("args", [])))
             elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
