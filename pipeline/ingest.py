@@ -622,7 +622,7 @@ def mirror_to_store(
     is row-aligned with the store and its partitions match the store's blocks.
     """
     n_rows, dim = len(store_ids), memmap.shape[1]
-    by_id = objects.set_index("object_id", drop=False)
+    object_ids = objects["object_id"].to_numpy()  # increasing: rows are in CSV order
     with store.atomic_path(store_url) as tmp_store, store.atomic_path(objects_url) as tmp_objects:
         group = store.create_store(tmp_store, n_rows, dim, chunk_rows, compression, attrs)
         vectors, ids_array = group[store.VECTORS], group[store.OBJECT_IDS]
@@ -639,7 +639,7 @@ def mirror_to_store(
             vectors[start:stop] = block
             ids_array[start:stop] = ids
             sinks.write_parquet(
-                by_id.loc[ids].reset_index(drop=True),
+                objects.take(np.searchsorted(object_ids, ids)),
                 store.join(tmp_objects, f"part-{c:05d}.parquet"),
                 schema.OBJECTS_SCHEMA,
             )
@@ -658,17 +658,19 @@ def mirror_to_store(
 def ingest(cfg: Config, paths: OutputPaths, progress: bool = True) -> IngestResult:
     """Run the ingest stage and return its counts (outputs are written under ``paths``)."""
     raw = read_objects_csv(cfg.input.objects_csv)
+    n_input_rows = len(raw)
     typed, reasons, details = validate_rows(raw, cfg)
     typed.insert(0, schema.SOURCE_ROW, np.arange(len(typed), dtype=np.int64))
     rejects = _rejects_frame(typed[schema.SOURCE_ROW], raw, reasons.to_numpy(), details.to_numpy())
     _raise_on_bad_object(cfg, rejects)
-    candidates = typed[reasons.to_numpy() == ""].copy()
+    candidates = typed[reasons.to_numpy() == ""]
     candidates.insert(0, schema.OBJECT_ID, np.arange(len(candidates), dtype=np.int64))
+    del raw, typed, reasons, details  # the table is held once from here on
     if len(candidates) == 0:
         _fail_with_no_objects(cfg, rejects, paths)
 
     if cfg.input.embeddings_matrix:
-        matrix = open_matrix(cfg.input.embeddings_matrix, len(raw))
+        matrix = open_matrix(cfg.input.embeddings_matrix, n_input_rows)
         dim = int(matrix.shape[1])
         if cfg.ingest.dim not in (None, dim):
             raise InputError(
@@ -700,7 +702,9 @@ def ingest(cfg: Config, paths: OutputPaths, progress: bool = True) -> IngestResu
     rejects = pd.concat([rejects, late], ignore_index=True)
     rejects = rejects.sort_values(schema.SOURCE_ROW, kind="stable", ignore_index=True)
     _raise_on_bad_object(cfg, rejects)
-    objects = candidates[emb_reasons == ""]
+    good = emb_reasons == ""
+    objects = candidates if good.all() else candidates[good]
+    del candidates
     n_rows = len(objects)
     if n_rows == 0:
         _fail_with_no_objects(cfg, rejects, paths)
@@ -728,7 +732,7 @@ def ingest(cfg: Config, paths: OutputPaths, progress: bool = True) -> IngestResu
         Path(paths.memmap).unlink(missing_ok=True)
     sinks.write_parquet(rejects, paths.rejects, schema.REJECTS_SCHEMA)
     result = IngestResult(
-        n_input_rows=len(raw),
+        n_input_rows=n_input_rows,
         n_rows=n_rows,
         dim=dim,
         chunk_rows=chunk_rows,
