@@ -1008,8 +1008,9 @@ def render_cluster_page(
     )
     if state.state == "removed":
         if rec["size_after_similarity"] > 0:
+            left = int(rec["size_after_similarity"])
             verdict = (
-                f"Removed: {int(rec['size_after_similarity'])} members passed the similarity "
+                f"Removed: {left} member{'s' if left != 1 else ''} passed the similarity "
                 f"filter, fewer than the minimum cluster size {pp.min_cluster_size}."
             )
         else:
