@@ -29,7 +29,9 @@ ConfigOpt = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override one key, e.g. --set train.n_clusters=50 (repeatable)."),
+    typer.Option(
+        "--set", "-s", help="Override one key, e.g. --set train.n_clusters=50 (repeatable)."
+    ),
 ]
 SchedulerOpt = Annotated[
     str | None,
@@ -38,9 +40,15 @@ SchedulerOpt = Annotated[
         help="threads | processes | synchronous | local-cluster | a scheduler address (tcp://host:8786).",
     ),
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Redo stages even if their outputs are up to date.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit without running.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary printout.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Redo stages even if their outputs are up to date.")
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the plan and exit without running.")
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars or summary printout.")
+]
 
 
 def _fail(exc: Exception) -> None:
@@ -142,7 +150,9 @@ def groups(
     config: ConfigOpt = Path("config.yaml"),
     file: Annotated[
         Path | None,
-        typer.Option("--file", "-f", help="The reviewer's groups YAML (default: report.groups_file)."),
+        typer.Option(
+            "--file", "-f", help="The reviewer's groups YAML (default: report.groups_file)."
+        ),
     ] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -164,7 +174,9 @@ def groups(
     from .plan import OutputPaths
     from .report import write_report
 
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s"
+    )
     try:
         cfg = _load(config, set_, None, quiet)
         paths = OutputPaths.from_config(cfg)
@@ -178,12 +190,18 @@ def groups(
 
 @app.command("make-demo")
 def make_demo(
-    root: Annotated[Path, typer.Option(help="Folder to write the dataset into.")] = Path("data/demo"),
+    root: Annotated[Path, typer.Option(help="Folder to write the dataset into.")] = Path(
+        "data/demo"
+    ),
     n_objects: Annotated[int, typer.Option(min=1, help="Number of objects (CSV rows).")] = 61_751,
     dim: Annotated[int, typer.Option(min=1, help="Embedding dimension.")] = 1792,
-    n_true_clusters: Annotated[int, typer.Option(min=1, help="Clusters the data is drawn around.")] = 600,
+    n_true_clusters: Annotated[
+        int, typer.Option(min=1, help="Clusters the data is drawn around.")
+    ] = 600,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    layout: Annotated[str, typer.Option(help="per_image (one .npy per image) or matrix.")] = "per_image",
+    layout: Annotated[
+        str, typer.Option(help="per_image (one .npy per image) or matrix.")
+    ] = "per_image",
     images: Annotated[bool, typer.Option(help="Also draw the images (for report crops).")] = False,
 ) -> None:
     """Generate a seeded synthetic dataset shaped like the write-up's."""

@@ -43,9 +43,7 @@ class InputConfig(_Section):
             raise ValueError(f"is not a valid format template ({exc})") from None
         unknown = fields - allowed
         if unknown:
-            raise ValueError(
-                f"may only use the fields {sorted(allowed)}; got {sorted(unknown)}"
-            )
+            raise ValueError(f"may only use the fields {sorted(allowed)}; got {sorted(unknown)}")
         return value
 
 
@@ -123,7 +121,9 @@ class ExecutorConfig(_Section):
         known = {"threads", "synchronous", "processes", "local-cluster"}
         if value in known or "://" in value or ":" in value:
             return value
-        raise ValueError(f"must be one of {sorted(known)} or a scheduler address like tcp://host:8786")
+        raise ValueError(
+            f"must be one of {sorted(known)} or a scheduler address like tcp://host:8786"
+        )
 
 
 class Config(_Section):
@@ -138,11 +138,14 @@ class Config(_Section):
     report: ReportConfig = ReportConfig()
     executor: ExecutorConfig = ExecutorConfig()
 
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections, used by stage completion markers."""
+    def section_hash(self, *names: str) -> str:
+        """Stable hash of the named sections or ``section.key`` values (stage markers)."""
         dumped = self.model_dump(mode="json")
-        payload = json.dumps({name: dumped[name] for name in sections}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        values = {}
+        for name in names:
+            section, _, key = name.partition(".")
+            values[name] = dumped[section][key] if key else dumped[section]
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
@@ -209,7 +212,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise MissingInputError(f"Config file {source} does not exist. Pass an existing YAML file.")
+            raise MissingInputError(
+                f"Config file {source} does not exist. Pass an existing YAML file."
+            )
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:

@@ -113,12 +113,28 @@ def open_executor(cfg: ExecutorConfig) -> Iterator[Executor]:
 
         n_workers = cfg.n_workers or min(4, os.cpu_count() or 1)
         threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // n_workers)
-        with LocalCluster(
-            n_workers=n_workers, threads_per_worker=threads, processes=True, dashboard_address=":0"
-        ) as cluster, Client(cluster) as client:
-            log.info("local cluster: %d workers x %d threads, dashboard %s", n_workers, threads, client.dashboard_link)
+        with (
+            LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=threads,
+                processes=True,
+                dashboard_address=":0",
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            log.info(
+                "local cluster: %d workers x %d threads, dashboard %s",
+                n_workers,
+                threads,
+                client.dashboard_link,
+            )
             print(f"dask dashboard: {client.dashboard_link}", flush=True)
-            yield Executor(kind="local-cluster", client=client, progress=cfg.progress, n_cores=n_workers * threads)
+            yield Executor(
+                kind="local-cluster",
+                client=client,
+                progress=cfg.progress,
+                n_cores=n_workers * threads,
+            )
         return
     client = _connect(scheduler, cfg.connect_timeout_s)
     try:

@@ -101,9 +101,7 @@ def cluster_sums(
     k = len(centres)
     labels = nearest_centres(block, centres, centre_sq_norms)
     n = len(block)
-    onehot = sp.csr_matrix(
-        (np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n)
-    )
+    onehot = sp.csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n))
     sums = np.asarray(onehot @ block, dtype=np.float64)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
     diff = block - centres[labels]
@@ -197,5 +195,7 @@ def kmeans_plusplus(
         return x[kmeans_plusplus_indices(x, n_clusters, seed)].copy()
     mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
     centred = np.subtract(x, mean, out=x if overwrite_sample and x is sample else None)
-    chosen = kmeans_plusplus_indices(principal_projection(centred, projection_dim, seed), n_clusters, seed)
+    chosen = kmeans_plusplus_indices(
+        principal_projection(centred, projection_dim, seed), n_clusters, seed
+    )
     return centred[chosen] + mean

@@ -125,7 +125,9 @@ def plan_run(cfg: Config, stages: tuple[str, ...] = STAGES) -> RunPlan:
     if cfg.train.n_clusters != "auto":
         check_chunk_rows(cfg.ingest.chunk_rows, cfg.train.n_clusters)
     ordered = tuple(s for s in STAGES if s in stages)
-    return RunPlan(stages=ordered, paths=OutputPaths.from_config(cfg), scheduler=cfg.executor.scheduler)
+    return RunPlan(
+        stages=ordered, paths=OutputPaths.from_config(cfg), scheduler=cfg.executor.scheduler
+    )
 
 
 def check_chunk_rows(chunk_rows: int, n_clusters: int) -> None:
@@ -182,7 +184,9 @@ def plan_training(cfg: Config, n_rows: int, dim: int, chunk_rows: int) -> TrainP
     init_size = min(max(init_size, k), n_rows)
     n_blocks = math.ceil(n_rows / chunk_rows)
     rng = np.random.default_rng(cfg.train.seed)
-    orders = tuple(tuple(int(b) for b in rng.permutation(n_blocks)) for _ in range(cfg.train.epochs))
+    orders = tuple(
+        tuple(int(b) for b in rng.permutation(n_blocks)) for _ in range(cfg.train.epochs)
+    )
     return TrainPlan(
         n_rows=n_rows,
         dim=dim,

@@ -465,9 +465,7 @@ def html_table(
     """A small frame as an HTML table; cells carry their exact value in ``data-value``."""
     numeric = {c for c in headers if pd.api.types.is_numeric_dtype(frame[c])}
     align = {c: ' class="num"' if c in numeric else "" for c in headers}
-    head = "".join(
-        f'<th{align[c]} data-col="{esc(c)}">{esc(h)}</th>' for c, h in headers.items()
-    )
+    head = "".join(f'<th{align[c]} data-col="{esc(c)}">{esc(h)}</th>' for c, h in headers.items())
     rows = []
     for record in frame[list(headers)].to_dict("records"):
         cells = []
@@ -565,7 +563,7 @@ def svg_bars(
         x = left + (i + 0.5) * slot
         out.append(
             f'<text x="{x:.1f}" y="{top + plot_h + 16}" class="tick" text-anchor="middle">'
-            f'{esc(labels[i])}</text>'
+            f"{esc(labels[i])}</text>"
         )
     out.append(
         f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" '
@@ -578,7 +576,7 @@ def svg_bars(
         )
         out.append(
             f'<text x="{x + 4:.1f}" y="{top + 12}" class="tick marker-label">'
-            f'{esc(marker[1])}</text>'
+            f"{esc(marker[1])}</text>"
         )
     out.append(
         f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" class="axis-label" '
@@ -611,7 +609,7 @@ def svg_funnel(funnel_table: pd.DataFrame, width: int = 760) -> str:
         w = (width - left - right) * int(rec["rows"]) / top_rows
         out.append(
             f'<text x="{left - 8}" y="{y + 16}" class="tick" text-anchor="end">'
-            f'{esc(rec["step"])}</text>'
+            f"{esc(rec['step'])}</text>"
         )
         out.append(
             f'<rect x="{left}" y="{y + 3}" width="{max(w, 1):.1f}" height="{row_h - 8}" '
@@ -660,7 +658,7 @@ def sample_card(row: dict, thumb: Thumb | None, px: int, prefix: str) -> str:
         f'<div class="pic">{picture(thumb, row, px, prefix)}</div><figcaption>'
         f"<div><b>sim {fmt_float(row['sim'])}</b> · dist {fmt_float(row['dist'])}</div>"
         f'<div class="status {kind}" title="{esc(status)}">'
-        f'{esc(STATUS_LABELS.get(status, status))}</div>'
+        f"{esc(STATUS_LABELS.get(status, status))}</div>"
         f"<div>{esc(row['tag'])} · score {fmt_float(row['score'], 2)}</div>"
         f'<div class="muted" title="{esc(row["username"])}/{esc(row["image_name"])} idx '
         f'{esc(row["idx"])}">'
@@ -738,7 +736,7 @@ def _funnel_section(funnel_table: pd.DataFrame) -> str:
     )
     return (
         '<section id="funnel"><h2>Funnel</h2><div class="split">'
-        f'{table}{svg_funnel(funnel_table, 620)}</div>'
+        f"{table}{svg_funnel(funnel_table, 620)}</div>"
         f'<p class="muted">{esc(note)}</p></section>'
     )
 
@@ -862,7 +860,7 @@ def _groups_section(inputs: ReportInputs, firsts: dict[int, str]) -> str:
         f"<code>pipeline groups</code> writes them to <code>ins_posts_groups.csv</code>.</p>"
         '<table id="groups-table"><thead><tr><th>Group</th><th class="num">Objects</th>'
         '<th class="num">Clusters</th><th>Clusters (top sample)</th></tr></thead><tbody>'
-        f'{"".join(rows)}'
+        f"{''.join(rows)}"
         "</tbody></table></section>"
     )
 
@@ -902,17 +900,17 @@ def _index_section(inputs: ReportInputs, firsts: dict[int, str]) -> str:
             f'<td class="num" data-col="cluster" data-value="{c}">{cluster_link(c)}</td>',
             f'<td class="preview">{firsts.get(c, "")}</td>',
             f'<td data-col="state" data-value="{state.state}" title="{esc(state.explanation)}">'
-            f'{badge(state.state)}</td>',
+            f"{badge(state.state)}</td>",
         ]
         for col in ("size", "size_after_dedupe", "size_after_similarity", "size_final"):
             cells.append(
                 f'<td class="num" data-col="{col}" data-value="{int(rec[col])}">'
-                f'{int(rec[col]):,}</td>'
+                f"{int(rec[col]):,}</td>"
             )
         for col in ("mean_sim", "mean_sim_final", "mean_dist"):
             cells.append(
                 f'<td class="num" data-col="{col}" data-value="{raw(rec[col])}">'
-                f'{fmt_float(rec[col])}</td>'
+                f"{fmt_float(rec[col])}</td>"
             )
         cells.append(f'<td data-col="removed_by" class="small">{esc(state.short)}</td>')
         cells.append(f'<td data-col="dominant_tags">{esc(rec["dominant_tags"])}</td>')
@@ -930,10 +928,10 @@ def _index_section(inputs: ReportInputs, firsts: dict[int, str]) -> str:
         "(<b>dup</b>: duplicate image, <b>sim</b>: low similarity, <b>size</b>: small cluster)."
         "</p>"
         '<div class="controls"><input id="cluster-filter" type="search" placeholder="Filter by '
-        'tag, '
+        "tag, "
         'id or group">'
         f'<select id="state-filter"><option value="">all states ({len(inputs.summary)})</option>'
-        f'{options}</select>'
+        f"{options}</select>"
         '<span id="cluster-count" class="muted"></span></div>'
         f'<table id="cluster-index" class="sortable"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></section>"
@@ -1034,8 +1032,7 @@ def render_cluster_page(
     grids = "".join(
         f'<h2>{esc(title)}</h2><div class="grid" id="{gid}" style="--px:{px}px">'
         + "".join(
-            sample_card(r, inputs.thumbs.get(int(r[schema.OBJECT_ID])), px, "../")
-            for r in part
+            sample_card(r, inputs.thumbs.get(int(r[schema.OBJECT_ID])), px, "../") for r in part
         )
         + "</div>"
         for title, gid, part in sections
@@ -1049,11 +1046,11 @@ def render_cluster_page(
         f"{fmt_float(rec['mean_sim'])} (kept: {fmt_float(rec['mean_sim_final'])}) · mean distance "
         f"{fmt_float(rec['mean_dist'])}</p></header><main>"
         f'<section><h2>Sizes after each step</h2><p class="verdict {state.state}">'
-        f'{esc(verdict)}</p>'
+        f"{esc(verdict)}</p>"
         f"{group_html}"
         '<table id="cluster-steps"><thead><tr><th>Step</th><th class="num">Rows left</th>'
         '<th class="num">Removed</th><th>Status of removed rows</th></tr></thead><tbody>'
-        f'{step_rows}'
+        f"{step_rows}"
         "</tbody></table></section>"
         f"<section>{grids or '<p class=muted>No members.</p>'}</section></main>"
     )

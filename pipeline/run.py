@@ -37,14 +37,24 @@ from .plan import STAGES, OutputPaths, RunPlan, TrainPlan, plan_run, plan_traini
 log = logging.getLogger("pipeline")
 
 #: Config sections each stage's output depends on (besides its upstream stage).
+#: Config sections (or ``section.key`` values) each stage's outputs depend on, besides
+#: its upstream stage: the images only matter to the report.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "ingest": ("input", "select", "ingest"),
+    "ingest": (
+        "input.objects_csv", "input.embeddings_root", "input.embeddings_template",
+        "input.embeddings_matrix", "select", "ingest",
+    ),
     "train": ("train",),
     "predict": (),
     "postprocess": ("postprocess",),
-    "report": ("report",),
+    "report": ("report", "input.images_root", "input.image_template"),
+}  # fmt: skip
+UPSTREAM = {
+    "train": "ingest",
+    "predict": "train",
+    "postprocess": "predict",
+    "report": "postprocess",
 }
-UPSTREAM = {"train": "ingest", "predict": "train", "postprocess": "predict", "report": "postprocess"}
 
 
 @dataclass
@@ -138,7 +148,9 @@ def run_train(cfg: Config, paths: OutputPaths, ex: Executor) -> None:
     plan = training_plan(cfg, paths)
     log.info("%r", plan)
     blas_threads = cfg.train.blas_threads or (os.cpu_count() or 1)
-    model = ex.compute(train_stage.fit_centroids(cfg, plan, paths.store, blas_threads), desc="train")
+    model = ex.compute(
+        train_stage.fit_centroids(cfg, plan, paths.store, blas_threads), desc="train"
+    )
     write_model(model, paths.model, {**run_metadata(cfg), "plan": repr(plan)})
 
 
@@ -154,7 +166,12 @@ def write_model(model: train_stage.FittedModel, url: str, metadata: dict) -> Non
             joblib.dump(model.estimator, handle)
         params = {k: v for k, v in model.estimator.get_params().items() if k != "init"}
         with fs.open(f"{tmp_path}/model.json", "w") as handle:
-            json.dump({**metadata, "params": params, "history": model.history}, handle, indent=2, default=str)
+            json.dump(
+                {**metadata, "params": params, "history": model.history},
+                handle,
+                indent=2,
+                default=str,
+            )
 
 
 def read_centres(url: str) -> np.ndarray:
@@ -179,9 +196,13 @@ def run_predict(cfg: Config, paths: OutputPaths, ex: Executor) -> None:
 
 def run_postprocess(cfg: Config, paths: OutputPaths, ex: Executor) -> pd.DataFrame:
     n_clusters = len(read_centres(paths.model))
-    keys = dd.read_parquet(paths.assignments, columns=postprocess_stage.key_columns(cfg.postprocess))
+    keys = dd.read_parquet(
+        paths.assignments, columns=postprocess_stage.key_columns(cfg.postprocess)
+    )
     statuses = ex.compute(
-        postprocess_stage.apply_postprocessing(cfg.postprocess, keys)[[schema.OBJECT_ID, schema.STATUS]],
+        postprocess_stage.apply_postprocessing(cfg.postprocess, keys)[
+            [schema.OBJECT_ID, schema.STATUS]
+        ],
         desc="postprocess",
     )
     codes = delayed(postprocess_stage.status_codes_by_object(statuses), pure=True)
@@ -195,7 +216,9 @@ def run_postprocess(cfg: Config, paths: OutputPaths, ex: Executor) -> pd.DataFra
         labelled, paths.postprocessed, schema.ASSIGNMENTS_SCHEMA, metadata,
         compute=lambda graph: ex.compute(graph, desc="postprocessed table"),
     )  # fmt: skip
-    kept = sinks.read_parquet(paths.postprocessed, filters=[(schema.STATUS, "==", schema.STATUS_KEPT)])
+    kept = sinks.read_parquet(
+        paths.postprocessed, filters=[(schema.STATUS, "==", schema.STATUS_KEPT)]
+    )
     kept = kept.sort_values(["cluster", "sim", schema.OBJECT_ID], ascending=[True, False, True])
     sinks.write_csv(kept, paths.clusters_csv, schema.OUTPUT_CSV_FIELDS, schema.CLUSTERS_SCHEMA)
     sinks.write_parquet(
@@ -241,7 +264,7 @@ def _outputs_exist(paths: OutputPaths, stage: str) -> bool:
         "train": paths.model,
         "predict": paths.assignments,
         "postprocess": paths.clusters_csv,
-        "report": paths.summary_markdown,
+        "report": store.join(paths.report, "index.html"),
     }[stage]
     fs, path = store.filesystem(main_output)
     return fs.exists(path)
@@ -299,7 +322,12 @@ def run(
             if stage == "postprocess":
                 result.funnel = out
             sinks.write_json(
-                {"stage": stage, "key": key, "finished_at": time.time(), "seconds": result.timings[stage]},
+                {
+                    "stage": stage,
+                    "key": key,
+                    "finished_at": time.time(),
+                    "seconds": result.timings[stage],
+                },
                 _marker_url(paths, stage),
             )
     return result

@@ -67,9 +67,12 @@ ASSIGNMENT_FIELDS = [
 #: A block of predictions as returned by :func:`pipeline.kernels.assign_block`.
 ASSIGNMENT_DTYPE = np.dtype([("cluster", "<i4"), ("dist", "<f4"), ("sim", "<f4")])
 
-ASSIGNMENTS_SCHEMA = OBJECTS_SCHEMA.append(ASSIGNMENT_FIELDS[0]).append(
-    ASSIGNMENT_FIELDS[1]
-).append(ASSIGNMENT_FIELDS[2]).append(pa.field(STATUS, pa.string(), nullable=False))
+ASSIGNMENTS_SCHEMA = (
+    OBJECTS_SCHEMA.append(ASSIGNMENT_FIELDS[0])
+    .append(ASSIGNMENT_FIELDS[1])
+    .append(ASSIGNMENT_FIELDS[2])
+    .append(pa.field(STATUS, pa.string(), nullable=False))
+)
 
 CLUSTERS_SCHEMA = pa.schema(
     [

@@ -57,7 +57,9 @@ def write_parquet(
     """Write one Parquet file atomically with ``schema`` and the run metadata."""
     schema = _with_metadata(schema, run_metadata)
     table = frame if isinstance(frame, pa.Table) else to_table(frame, schema)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **(schema.metadata or {})})
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), **(schema.metadata or {})}
+    )
     fs, _ = filesystem(url)
     with atomic_path(url) as tmp:
         _, tmp_path = filesystem(tmp)

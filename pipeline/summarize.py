@@ -126,9 +126,11 @@ def _pad(values: np.ndarray, n: int) -> pd.array:
 def top_comparison(summary: pd.DataFrame, n: int = 10) -> pd.DataFrame:
     """Original top clusters next to the new top clusters, with sizes before and after."""
     before = summary.sort_values(["size", "cluster"], ascending=[False, True]).head(n)
-    after = summary[summary["size_final"] > 0].sort_values(
-        ["size_final", "cluster"], ascending=[False, True]
-    ).head(n)
+    after = (
+        summary[summary["size_final"] > 0]
+        .sort_values(["size_final", "cluster"], ascending=[False, True])
+        .head(n)
+    )
     m = max(len(before), len(after))
     return pd.DataFrame(
         {
@@ -142,7 +144,9 @@ def top_comparison(summary: pd.DataFrame, n: int = 10) -> pd.DataFrame:
     )
 
 
-def cluster_samples(labelled: pd.DataFrame, cluster: int, n: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
+def cluster_samples(
+    labelled: pd.DataFrame, cluster: int, n: int = 8
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Top and tail ``n`` members of one cluster by cosine similarity (ties: object id)."""
     members = labelled[labelled["cluster"] == cluster]
     ordered = members.sort_values(["sim", schema.OBJECT_ID], ascending=[False, True])

@@ -45,9 +45,7 @@ def block_bounds(plan: TrainPlan, block: int) -> tuple[int, int]:
     return start, min(start + plan.chunk_rows, plan.n_rows)
 
 
-def init_model(
-    url: str, plan: TrainPlan, cfg: TrainConfig, blas_threads: int
-) -> FittedModel:
+def init_model(url: str, plan: TrainPlan, cfg: TrainConfig, blas_threads: int) -> FittedModel:
     """k-means++ on the store's first ``init_size`` rows (a uniform random sample)."""
     with threadpool_limits(blas_threads):
         sample = store.read_rows(url, 0, plan.init_size)
@@ -113,7 +111,11 @@ def lloyd_update(
     centres[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
     model.estimator.cluster_centers_ = centres
     model.history.append(
-        {"step": f"refine {iteration}", "inertia_before": inertia, "empty_clusters": int((~filled).sum())}
+        {
+            "step": f"refine {iteration}",
+            "inertia_before": inertia,
+            "empty_clusters": int((~filled).sum()),
+        }
     )
     return model
 

@@ -44,7 +44,9 @@ LABELS = {
 # Each runs in a fresh interpreter so its peak private memory is its own.
 
 
-def _save(out: Path, timings: dict, centres: np.ndarray, labels_csv_order: np.ndarray, sims: np.ndarray) -> None:
+def _save(
+    out: Path, timings: dict, centres: np.ndarray, labels_csv_order: np.ndarray, sims: np.ndarray
+) -> None:
     np.save(out / "centres.npy", centres.astype(np.float32))
     np.save(out / "labels.npy", labels_csv_order.astype(np.int64))
     np.save(out / "sims.npy", sims.astype(np.float32))
@@ -53,7 +55,9 @@ def _save(out: Path, timings: dict, centres: np.ndarray, labels_csv_order: np.nd
 
 def _memmap(data: Path) -> np.ndarray:
     meta = json.loads((data / "memmap.json").read_text())
-    return np.memmap(data / "embeddings.f32", dtype=np.float32, mode="r", shape=(meta["rows"], meta["dim"]))
+    return np.memmap(
+        data / "embeddings.f32", dtype=np.float32, mode="r", shape=(meta["rows"], meta["dim"])
+    )
 
 
 def _batched_predict(x: np.ndarray, centres: np.ndarray, predict, batch: int = 1024):
@@ -77,7 +81,9 @@ def worker_read_files(data: Path, out: Path, args) -> None:
     t = time.perf_counter()
     seen = set()
     total = 0
-    for user, image in zip(table["username"].to_pylist(), table["image_name"].to_pylist(), strict=True):
+    for user, image in zip(
+        table["username"].to_pylist(), table["image_name"].to_pylist(), strict=True
+    ):
         if (user, image) in seen:
             continue
         seen.add((user, image))
@@ -109,7 +115,7 @@ def worker_ours(data: Path, out: Path, args) -> None:
     cfg = Config.model_validate(
         {
             "input": {"objects_csv": str(data / "ins_posts_object_tags_cleaned.csv"),
-                      "embeddings_root": str(data / "ins_posts")},
+                      "embeddings_root": str(data / "ins_posts"), "images_root": None},
             "train": {"n_clusters": args.k, "seed": args.seed},
             "output": {"dir": str(out / "run")},
             "executor": {"progress": False},
@@ -119,7 +125,13 @@ def worker_ours(data: Path, out: Path, args) -> None:
     timings = {("fit" if k == "train" else k): v for k, v in result.timings.items()}
     table = sinks.read_parquet(result.paths.assignments, columns=["source_row", "cluster", "sim"])
     table = table.sort_values("source_row")
-    _save(out, timings, read_centres(result.paths.model), table["cluster"].to_numpy(), table["sim"].to_numpy())
+    _save(
+        out,
+        timings,
+        read_centres(result.paths.model),
+        table["cluster"].to_numpy(),
+        table["sim"].to_numpy(),
+    )
 
 
 def worker_faiss(data: Path, out: Path, args) -> None:
@@ -133,7 +145,9 @@ def worker_faiss(data: Path, out: Path, args) -> None:
     km.train(x)
     fit = time.perf_counter() - t
     t = time.perf_counter()
-    labels, sims = _batched_predict(x, km.centroids, lambda b: km.index.search(b, 1)[1][:, 0], batch=8192)
+    labels, sims = _batched_predict(
+        x, km.centroids, lambda b: km.index.search(b, 1)[1][:, 0], batch=8192
+    )
     predict = time.perf_counter() - t
     _save(out, {"load": load, "fit": fit, "predict": predict}, km.centroids, labels, sims)
 
@@ -241,7 +255,10 @@ def quality(data: Path, out: Path, k: int) -> dict:
     x = _memmap(data)
     centres = np.load(out / "centres.npy")
     norms = kernels.row_sq_norms(centres)
-    inertia = sum(kernels.inertia_of(np.asarray(x[s : s + 16384]), centres, norms) for s in range(0, len(x), 16384))
+    inertia = sum(
+        kernels.inertia_of(np.asarray(x[s : s + 16384]), centres, norms)
+        for s in range(0, len(x), 16384)
+    )
     labels = np.load(out / "labels.npy")
     truth = pq.read_table(data / "truth.parquet").column("true_cluster").to_numpy()
     sims = np.load(out / "sims.npy")
@@ -254,15 +271,21 @@ def quality(data: Path, out: Path, k: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=61_751)
     parser.add_argument("--dim", type=int, default=1792)
     parser.add_argument("--k", type=int, default=600, help="n_clusters of every method")
     parser.add_argument("--true-k", type=int, default=600, help="clusters the data is drawn around")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per method (medians are shown)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per method (medians are shown)"
+    )
     parser.add_argument("--methods", default="read_files,writeup,writeup3,ours,faiss,sklearn")
-    parser.add_argument("--root", default=str(ROOT / "bench"), help="where data and runs go (git-ignored)")
+    parser.add_argument(
+        "--root", default=str(ROOT / "bench"), help="where data and runs go (git-ignored)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -286,14 +309,20 @@ def main() -> None:
         repeats = 1 if method in ("sklearn",) else args.repeats
         runs = []
         for r in range(repeats):
-            timings, peak = run_worker(method, data, Path(args.root) / "runs" / method / str(r), args)
+            timings, peak = run_worker(
+                method, data, Path(args.root) / "runs" / method / str(r), args
+            )
             runs.append((timings, peak))
             print(f"  {method} run {r + 1}/{repeats}: {json.dumps({k: round(v, 2) for k, v in timings.items()})} "
                   f"peak {peak:.0f} MiB", flush=True)  # fmt: skip
         keys = runs[0][0].keys()
         med = {key: statistics.median(t[key] for t, _ in runs) for key in keys}
         peak = statistics.median(p for _, p in runs)
-        q = quality(data, Path(args.root) / "runs" / method / "0", args.k) if method != "read_files" else {}
+        q = (
+            quality(data, Path(args.root) / "runs" / method / "0", args.k)
+            if method != "read_files"
+            else {}
+        )
         rows[method] = {"t": med, "peak": peak, **q}
 
     print_table(rows, args, rate, pass_flop)
@@ -309,7 +338,9 @@ def print_table(rows: dict, args, rate: float, pass_flop: float) -> None:
     for method, row in rows.items():
         t = row["t"]
         if method == "read_files":
-            lines.append(f"| {LABELS[method]} | {t['read']:.2f} | | | | | | | {row['peak']:.0f} | | | | |")
+            lines.append(
+                f"| {LABELS[method]} | {t['read']:.2f} | | | | | | | {row['peak']:.0f} | | | | |"
+            )
             continue
         fp = t["fit"] + t["predict"]
         passes = {"writeup": 2, "writeup3": 4, "ours": 3, "faiss": 21, "sklearn": 21}[method]

@@ -24,7 +24,9 @@ def small_dataset(tmp_path_factory) -> DemoDataset:
 def matrix_dataset(tmp_path_factory) -> DemoDataset:
     """The same shape as ``small_dataset`` but with one CSV-aligned matrix file."""
     root = tmp_path_factory.mktemp("matrix")
-    return make_demo_dataset(root, n_objects=1500, dim=24, n_true_clusters=15, seed=2, layout="matrix")
+    return make_demo_dataset(
+        root, n_objects=1500, dim=24, n_true_clusters=15, seed=2, layout="matrix"
+    )
 
 
 def config_for(dataset: DemoDataset, out: Path, **sections) -> Config:
@@ -33,7 +35,9 @@ def config_for(dataset: DemoDataset, out: Path, **sections) -> Config:
         "input": {
             "objects_csv": str(dataset.objects_csv),
             "embeddings_root": str(dataset.embeddings_root),
-            "embeddings_matrix": str(dataset.embeddings_matrix) if dataset.embeddings_matrix else None,
+            "embeddings_matrix": str(dataset.embeddings_matrix)
+            if dataset.embeddings_matrix
+            else None,
         },
         "ingest": {"chunk_rows": 256},
         "train": {"n_clusters": 20, "batch_size": 256, "epochs": 2, "refine_iterations": 1},

@@ -43,14 +43,18 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, small_dataset):
 
 
 def test_override_with_unknown_key_is_exit_2(tmp_path, small_dataset):
-    result = runner.invoke(app, ["validate", "-c", write_config(tmp_path, small_dataset), "--set", "train.k=3"])
+    result = runner.invoke(
+        app, ["validate", "-c", write_config(tmp_path, small_dataset), "--set", "train.k=3"]
+    )
     assert result.exit_code == 2
     assert "unknown key 'train.k'" in result.output
 
 
 def test_missing_csv_is_one_line_and_exit_1(tmp_path, small_dataset):
     config = write_config(tmp_path, small_dataset)
-    result = runner.invoke(app, ["run", "-c", config, "--set", f"input.objects_csv={tmp_path}/none.csv"])
+    result = runner.invoke(
+        app, ["run", "-c", config, "--set", f"input.objects_csv={tmp_path}/none.csv"]
+    )
     assert result.exit_code == 1
     assert error_lines(result) == [
         f"error: Objects CSV {tmp_path}/none.csv does not exist. Set input.objects_csv."

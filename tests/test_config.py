@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from pipeline.config import Config, load_config, parse_override
 from pipeline.errors import ConfigError, MissingInputError
@@ -54,7 +55,10 @@ def test_overrides_apply_on_top_of_file(tmp_path):
     cfg = load_config(ROOT / "config.yaml", ["train.n_clusters=auto", "select.tags=[shoe, bag]"])
     assert cfg.train.n_clusters == "auto"
     assert cfg.select.tags == ["shoe", "bag"]
-    assert parse_override("postprocess.min_similarity=0.5") == (["postprocess", "min_similarity"], 0.5)
+    assert parse_override("postprocess.min_similarity=0.5") == (
+        ["postprocess", "min_similarity"],
+        0.5,
+    )
 
 
 def test_missing_config_file_is_a_missing_input(tmp_path):
@@ -64,7 +68,7 @@ def test_missing_config_file_is_a_missing_input(tmp_path):
 
 def test_config_is_frozen():
     cfg = Config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.train.seed = 3  # type: ignore[misc]
 
 

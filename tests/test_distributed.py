@@ -47,8 +47,19 @@ class HandStartedCluster:
         )  # fmt: skip
         self.workers = [
             subprocess.Popen(
-                [BIN / "dask", "worker", self.address, "--nthreads", "1", "--no-nanny",
-                 "--no-dashboard", "--memory-limit", "0", "--local-directory", str(tmp / f"w{i}")],
+                [
+                    BIN / "dask",
+                    "worker",
+                    self.address,
+                    "--nthreads",
+                    "1",
+                    "--no-nanny",
+                    "--no-dashboard",
+                    "--memory-limit",
+                    "0",
+                    "--local-directory",
+                    str(tmp / f"w{i}"),
+                ],
                 **common,
             )  # fmt: skip
             for i in range(n_workers)
@@ -70,7 +81,9 @@ class HandStartedCluster:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """6,000 objects x 64 dims in 47 blocks: enough tasks that a worker dies mid-stage."""
-    return make_demo_dataset(tmp_path_factory.mktemp("dist"), n_objects=6000, dim=64, n_true_clusters=30, seed=3)
+    return make_demo_dataset(
+        tmp_path_factory.mktemp("dist"), n_objects=6000, dim=64, n_true_clusters=30, seed=3
+    )
 
 
 def cfg_for(dataset, out, **executor):
@@ -95,11 +108,15 @@ def cluster(tmp_path):
 def test_run_against_hand_started_scheduler_equals_local(dataset, local_run, cluster, tmp_path):
     result = run(cfg_for(dataset, tmp_path / "out", scheduler=cluster.address))
     assert digest(result.paths.clusters_csv) == digest(local_run.paths.clusters_csv)
-    np.testing.assert_array_equal(read_centres(result.paths.model), read_centres(local_run.paths.model))
+    np.testing.assert_array_equal(
+        read_centres(result.paths.model), read_centres(local_run.paths.model)
+    )
 
 
 @pytest.mark.parametrize("stage_output", ["assignments.parquet", "postprocessed.parquet"])
-def test_worker_killed_mid_stage_gives_the_same_output(dataset, local_run, cluster, tmp_path, stage_output):
+def test_worker_killed_mid_stage_gives_the_same_output(
+    dataset, local_run, cluster, tmp_path, stage_output
+):
     out = tmp_path / "out"
     victim = cluster.workers[0]
     killed = threading.Event()

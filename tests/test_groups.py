@@ -19,9 +19,7 @@ from tests.conftest import config_for
 
 runner = CliRunner()
 
-SUMMARY = pd.DataFrame(
-    {"cluster": [0, 1, 2, 3], "size": [5, 4, 0, 3], "size_final": [5, 0, 0, 2]}
-)
+SUMMARY = pd.DataFrame({"cluster": [0, 1, 2, 3], "size": [5, 4, 0, 3], "size_final": [5, 0, 0, 2]})
 SELECTED = pd.DataFrame(
     {
         schema.OBJECT_ID: [10, 11, 12, 13, 14, 15, 16],

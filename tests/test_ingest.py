@@ -1,10 +1,14 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import sinks
-from pipeline.ingest import ingest, read_objects_csv
+from pipeline.ingest import _is_bbox, ingest, read_objects_csv, valid_bboxes
 from pipeline.plan import OutputPaths
 from tests.conftest import config_for, load_vectors
 
@@ -52,7 +56,9 @@ def test_store_is_a_seeded_permutation_with_whole_row_chunks(small_config):
 
 
 def users_per_block(users: np.ndarray, block_rows: int) -> float:
-    return float(np.mean([len(set(users[i : i + block_rows])) for i in range(0, len(users), block_rows)]))
+    return float(
+        np.mean([len(set(users[i : i + block_rows])) for i in range(0, len(users), block_rows)])
+    )
 
 
 def test_shuffled_blocks_mix_users_like_random_sampling(small_config):
@@ -70,7 +76,9 @@ def test_shuffled_blocks_mix_users_like_random_sampling(small_config):
     assert sequential < 0.3 * random
     assert shuffled == pytest.approx(random, rel=0.1)
     # Also at the scale of one mini-batch inside a block.
-    assert users_per_block(users_store_order, 64) == pytest.approx(users_per_block(random_order, 64), rel=0.1)
+    assert users_per_block(users_store_order, 64) == pytest.approx(
+        users_per_block(random_order, 64), rel=0.1
+    )
 
 
 def test_selection_filters_rows_into_rejects(small_dataset, tmp_path):
@@ -86,3 +94,13 @@ def test_selection_filters_rows_into_rejects(small_dataset, tmp_path):
     rejects = sinks.read_parquet(paths.rejects)
     assert len(rejects) + result.n_rows == len(csv)
     assert set(rejects["reason"]) == {"not_selected:tag", "not_selected:score"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.lists(st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True)),
+             min_size=0, max_size=5).map(json.dumps),
+    st.text(alphabet="[]0123456789.,eE+- \"", max_size=30),
+))  # fmt: skip
+def test_vectorised_bbox_check_agrees_with_the_json_parser(text):
+    assert valid_bboxes(pd.Series([text])).tolist() == [_is_bbox(text)]

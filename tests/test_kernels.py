@@ -14,7 +14,9 @@ def reference_assign(x, c):
     d = pairwise_distances(x64, c64)
     labels = d.argmin(axis=1)
     dist = d[np.arange(len(x)), labels]
-    cos = (x64 * c64[labels]).sum(1) / (np.linalg.norm(x64, axis=1) * np.linalg.norm(c64[labels], axis=1))
+    cos = (x64 * c64[labels]).sum(1) / (
+        np.linalg.norm(x64, axis=1) * np.linalg.norm(c64[labels], axis=1)
+    )
     return labels, dist, cos
 
 
@@ -96,8 +98,13 @@ def test_kmeans_plusplus_needs_enough_rows():
 
 
 @settings(max_examples=25, deadline=None)
-@given(arrays(np.float32, st.tuples(st.integers(2, 30), st.integers(1, 6)),
-              elements=st.floats(-100, 100, width=32)))
+@given(
+    arrays(
+        np.float32,
+        st.tuples(st.integers(2, 30), st.integers(1, 6)),
+        elements=st.floats(-100, 100, width=32),
+    )
+)
 def test_kmeans_plusplus_on_any_data(sample):
     k = min(len(sample), 3)
     centres = kernels.kmeans_plusplus(sample, k, seed=0)

@@ -50,20 +50,37 @@ def peak_private_memory(args: list[str]) -> tuple[int, int]:
 
 def test_run_on_matrix_larger_than_budget_stays_under_it(tmp_path):
     n, dim = 30_000, 4096  # 492 MB of float32, in blocks of 8 MB
-    ds = make_demo_dataset(tmp_path / "data", n_objects=n, dim=dim, n_true_clusters=50, layout="matrix")
+    ds = make_demo_dataset(
+        tmp_path / "data", n_objects=n, dim=dim, n_true_clusters=50, layout="matrix"
+    )
     matrix_bytes = n * dim * 4
     # What the interpreter and libraries alone take, measured the same way.
     _, baseline = peak_private_memory(
-        [sys.executable, "-c", "import pipeline.run, sklearn.cluster, dask.dataframe, zarr, time; time.sleep(0.5)"]
+        [
+            sys.executable,
+            "-c",
+            "import pipeline.run, sklearn.cluster, dask.dataframe, zarr, time; time.sleep(0.5)",
+        ]
     )
     rc, peak = peak_private_memory(
-        [sys.executable, "-c", SCRIPT, str(ds.objects_csv), str(ds.embeddings_matrix), str(tmp_path / "out")]
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            str(ds.objects_csv),
+            str(ds.embeddings_matrix),
+            str(tmp_path / "out"),
+        ]
     )
     assert rc == 0
     used = peak - baseline
     budget = matrix_bytes // 2
     print(f"matrix {matrix_bytes / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB, "
           f"peak {peak / 2**20:.0f} MiB, used {used / 2**20:.0f} MiB")  # fmt: skip
-    assert used < budget, f"run used {used / 2**20:.0f} MiB above baseline; budget {budget / 2**20:.0f} MiB"
+    assert used < budget, (
+        f"run used {used / 2**20:.0f} MiB above baseline; budget {budget / 2**20:.0f} MiB"
+    )
     assert np.load(ds.embeddings_matrix, mmap_mode="r").shape == (n, dim)
-    assert psutil.virtual_memory().total > matrix_bytes  # sanity: the budget is the point, not the box
+    assert (
+        psutil.virtual_memory().total > matrix_bytes
+    )  # sanity: the budget is the point, not the box

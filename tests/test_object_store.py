@@ -56,9 +56,7 @@ def s3_env(tmp_path):
 
 def test_run_with_s3_output_equals_local_run(small_dataset, tmp_path, s3_env):
     local = run(config_for(small_dataset, tmp_path / "local"))
-    fs = s3fs.S3FileSystem(
-        key="test", secret="test", endpoint_url=s3_env["FSSPEC_S3_ENDPOINT_URL"]
-    )
+    fs = s3fs.S3FileSystem(key="test", secret="test", endpoint_url=s3_env["FSSPEC_S3_ENDPOINT_URL"])
     fs.mkdir("runs")
     cfg = tmp_path / "s3.yaml"
     cfg.write_text(
@@ -76,9 +74,10 @@ executor: {{progress: false}}
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     remote = fs.cat("runs/demo/ins_posts_clusters.csv")
-    assert hashlib.sha256(remote).hexdigest() == hashlib.sha256(
-        Path(local.paths.clusters_csv).read_bytes()
-    ).hexdigest()
+    assert (
+        hashlib.sha256(remote).hexdigest()
+        == hashlib.sha256(Path(local.paths.clusters_csv).read_bytes()).hexdigest()
+    )
     listing = {p.rsplit("/", 1)[-1] for p in fs.ls("runs/demo")}
     assert {"embeddings.zarr", "assignments.parquet", "model", "_markers"} <= listing
     assert not [name for name in listing if ".tmp-" in name]
@@ -87,4 +86,7 @@ executor: {{progress: false}}
         [sys.executable, "-m", "pipeline", "run", "-c", str(cfg), "--set", "executor.progress=false"],
         env=s3_env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert again.returncode == 0 and "skipped (up to date): ingest, train, predict, postprocess, report" in again.stdout
+    assert (
+        again.returncode == 0
+        and "skipped (up to date): ingest, train, predict, postprocess, report" in again.stdout
+    )

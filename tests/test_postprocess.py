@@ -8,7 +8,12 @@ from pipeline import schema, summarize
 from pipeline.config import PostprocessConfig
 from pipeline.postprocess import apply_postprocessing, label_rows
 
-K, DUP, LOW, SMALL = schema.STATUS_KEPT, schema.STATUS_DUPLICATE, schema.STATUS_LOW_SIMILARITY, schema.STATUS_SMALL_CLUSTER
+K, DUP, LOW, SMALL = (
+    schema.STATUS_KEPT,
+    schema.STATUS_DUPLICATE,
+    schema.STATUS_LOW_SIMILARITY,
+    schema.STATUS_SMALL_CLUSTER,
+)
 
 
 def hand_table() -> pd.DataFrame:
@@ -29,15 +34,33 @@ def hand_table() -> pd.DataFrame:
 
 
 # With min_cluster_size 3 only cluster 1 is large enough.
-EXPECTED = {0: DUP, 1: SMALL, 2: SMALL, 3: LOW, 4: K, 5: K, 6: K, 7: SMALL, 8: SMALL, 9: LOW, 10: LOW}
+EXPECTED = {
+    0: DUP,
+    1: SMALL,
+    2: SMALL,
+    3: LOW,
+    4: K,
+    5: K,
+    6: K,
+    7: SMALL,
+    8: SMALL,
+    9: LOW,
+    10: LOW,
+}
 
 
 def test_label_rows_on_hand_built_table():
     out3 = label_rows(hand_table(), "image_name", 0.7, 3)
-    assert dict(zip(out3["object_id"], out3["status"])) == EXPECTED
+    assert dict(zip(out3["object_id"], out3["status"], strict=False)) == EXPECTED
     # min size 2 keeps clusters 0 and 2 as well
     out2 = label_rows(hand_table(), "image_name", 0.7, 2)
-    assert dict(zip(out2["object_id"], out2["status"])) == {**EXPECTED, 1: K, 2: K, 7: K, 8: K}
+    assert dict(zip(out2["object_id"], out2["status"], strict=False)) == {
+        **EXPECTED,
+        1: K,
+        2: K,
+        7: K,
+        8: K,
+    }
     # output is sorted by cluster, then descending similarity
     assert out2["object_id"].tolist() == [1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10]
 
