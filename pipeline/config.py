@@ -171,6 +171,25 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def read_yaml_mapping(
+    path: Path, source: str, error: type[Exception], expected: str
+) -> dict[str, Any] | None:
+    """Parse a YAML file whose top level must be a mapping (``None`` for an empty file).
+
+    Raises ``error`` with one line naming ``source`` for bad YAML or another top level.
+    """
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"{source}: not valid YAML ({first}).") from None
+    if data is not None and not isinstance(data, dict):
+        raise error(
+            f"{source}: the top level must be {expected}. Got {type(data).__name__} instead."
+        )
+    return data
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse one ``section.key=value`` override; the value is read as YAML.
 
@@ -215,15 +234,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise MissingInputError(
                 f"Config file {source} does not exist. Pass an existing YAML file."
             )
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"{source}: not valid YAML ({first}).") from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{source}: the top level must be a mapping of sections. Got {type(data).__name__}."
-            )
+        data = read_yaml_mapping(p, source, ConfigError, "a mapping of sections") or {}
     for text in overrides or []:
         key_path, value = parse_override(text)
         _apply_override(data, key_path, value)

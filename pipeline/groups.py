@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import schema, sinks, store
-from .config import Config, _format_validation_error
+from .config import Config, _format_validation_error, read_yaml_mapping
 from .errors import ConfigError, InputError, MissingInputError, StageOrderError
 from .plan import OutputPaths
 
@@ -98,16 +97,10 @@ def load_groups(path: str | Path) -> GroupsSpec:
             f"Groups file {source} does not exist. Write it (the format: 'pipeline groups "
             "--help') or fix report.groups_file."
         )
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{source}: not valid YAML ({first}).") from None
-    if not isinstance(data, dict):
-        raise InputError(
-            f"{source}: the top level must be a mapping with a 'groups' list. "
-            f"Got {type(data).__name__} instead."
-        )
+    expected = "a mapping with a 'groups' list"
+    data = read_yaml_mapping(p, source, InputError, expected)
+    if data is None:
+        raise InputError(f"{source}: the top level must be {expected}. Got NoneType instead.")
     try:
         return GroupsSpec.model_validate(data)
     except ValidationError as exc:
