@@ -169,11 +169,6 @@ def vectors_array(url: str) -> da.Array:
     return da.from_zarr(url, component=VECTORS)
 
 
-def object_ids_array(url: str) -> da.Array:
-    """The store's object ids as a dask array aligned with :func:`vectors_array`."""
-    return da.from_zarr(url, component=OBJECT_IDS)
-
-
 def read_rows(url: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
     """Read rows ``[start, stop)`` of the vectors, one chunk at a time into ``out``.
 
