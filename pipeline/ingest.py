@@ -648,12 +648,39 @@ def _thread_buffers(count: int, shape: tuple[int, int]) -> list[np.ndarray]:
     return [a[: shape[0]] for a in held]
 
 
+def _run_chunks(fn, n_chunks: int, desc: str, progress: bool) -> None:
+    """Call ``fn(chunk)`` for every chunk on two threads, with a progress bar."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for _ in tqdm(pool.map(fn, range(n_chunks)), total=n_chunks, desc=desc, unit="chunk",
+                      disable=not progress):  # fmt: skip
+            pass
+
+
+def write_object_parts(
+    objects: pd.DataFrame, store_ids: np.ndarray, url: str, chunk_rows: int, progress: bool
+) -> None:
+    """The objects table in store order, one ``part-<chunk>.parquet`` per store chunk, so it
+    is row-aligned with the store and its partitions match the store's blocks."""
+    object_ids = objects["object_id"].to_numpy()  # increasing: rows are in CSV order
+    with store.atomic_path(url) as tmp:
+        fs, tmp_path = store.filesystem(tmp)
+        fs.makedirs(tmp_path, exist_ok=True)
+
+        def write_part(c: int) -> None:
+            ids = store_ids[c * chunk_rows : (c + 1) * chunk_rows]
+            sinks.write_parquet(
+                objects.take(np.searchsorted(object_ids, ids)),
+                store.join(tmp, f"part-{c:05d}.parquet"),
+                schema.OBJECTS_SCHEMA,
+            )
+
+        _run_chunks(write_part, math.ceil(len(store_ids) / chunk_rows), "ingest: objects", progress)
+
+
 def mirror_to_store(
     memmap: np.ndarray,
-    objects: pd.DataFrame,
     store_ids: np.ndarray,
-    store_url: str,
-    objects_url: str,
+    url: str,
     chunk_rows: int,
     compression: str,
     attrs: dict,
@@ -662,18 +689,12 @@ def mirror_to_store(
     """Copy memmap rows into the Zarr store in ``store_ids`` order, one chunk per task.
 
     Each chunk's rows are gathered into a reused buffer and written as one whole chunk (no
-    read-modify-write). The objects of each chunk go to ``part-<chunk>.parquet`` beside
-    it, so the objects table is row-aligned with the store and its partitions match the
-    store's blocks.
+    read-modify-write).
     """
     n_rows, dim = len(store_ids), memmap.shape[1]
-    object_ids = objects["object_id"].to_numpy()  # increasing: rows are in CSV order
-    with store.atomic_path(store_url) as tmp_store, store.atomic_path(objects_url) as tmp_objects:
-        group = store.create_store(tmp_store, n_rows, dim, chunk_rows, compression, attrs)
+    with store.atomic_path(url) as tmp:
+        group = store.create_store(tmp, n_rows, dim, chunk_rows, compression, attrs)
         vectors, ids_array = group[store.VECTORS], group[store.OBJECT_IDS]
-        fs, tmp_objects_path = store.filesystem(tmp_objects)
-        fs.makedirs(tmp_objects_path, exist_ok=True)
-        n_chunks = math.ceil(n_rows / chunk_rows)
 
         def write_chunk(c: int) -> None:
             start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n_rows)
@@ -685,21 +706,8 @@ def mirror_to_store(
             np.take(memmap, ids, axis=0, out=block)
             vectors[start:stop] = block
             ids_array[start:stop] = ids
-            sinks.write_parquet(
-                objects.take(np.searchsorted(object_ids, ids)),
-                store.join(tmp_objects, f"part-{c:05d}.parquet"),
-                schema.OBJECTS_SCHEMA,
-            )
 
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for _ in tqdm(
-                pool.map(write_chunk, range(n_chunks)),
-                total=n_chunks,
-                desc="ingest: write zarr",
-                unit="chunk",
-                disable=not progress,
-            ):
-                pass
+        _run_chunks(write_chunk, math.ceil(n_rows / chunk_rows), "ingest: write zarr", progress)
 
 
 def ingest(cfg: Config, paths: OutputPaths, progress: bool = True) -> IngestResult:
@@ -743,6 +751,7 @@ def ingest(cfg: Config, paths: OutputPaths, progress: bool = True) -> IngestResu
         emb_reasons, emb_details = fill_memmap_from_files(
             files.batches(_FILES_PER_TASK), len(files), len(candidates), memmap, dim, progress
         )
+        del files  # it shares columns with the table
     memmap.flush()
 
     late = _rejects_frame(candidates[schema.SOURCE_ROW], candidates, emb_reasons, emb_details)
@@ -770,10 +779,11 @@ def ingest(cfg: Config, paths: OutputPaths, progress: bool = True) -> IngestResu
         "config": cfg.model_dump(mode="json"),
         "versions": sinks.package_versions(),
     }
+    write_object_parts(objects, store_ids, paths.objects, chunk_rows, progress)
+    del objects  # the table is written: free it before the vectors' buffers are taken
     mirror_to_store(
-        memmap, objects, store_ids, paths.store, paths.objects, chunk_rows,
-        cfg.ingest.compression, attrs, progress,
-    )  # fmt: skip
+        memmap, store_ids, paths.store, chunk_rows, cfg.ingest.compression, attrs, progress
+    )
     del memmap
     if not cfg.ingest.keep_memmap:
         Path(paths.memmap).unlink(missing_ok=True)
