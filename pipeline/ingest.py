@@ -233,6 +233,28 @@ def valid_bboxes(texts: pd.Series) -> np.ndarray:
     return ok
 
 
+def first_of_each_key(frame: pd.DataFrame) -> np.ndarray:
+    """Position of the first row with the same (username, image_name, idx) as each row.
+
+    Arrow's dictionary encoding of the joined key: a few bytes a row, where a pandas
+    groupby over the text columns costs ~200 MB per million rows.
+
+    >>> t = pd.DataFrame({"username": ["a", "a", "b", "a"], "image_name": ["x", "x", "x", "x"],
+    ...                   "idx": [0, 0, 0, 1]})
+    >>> first_of_each_key(t).tolist()
+    [0, 0, 2, 3]
+    """
+    columns = [pa.array(frame["username"], type=pa.string()),
+               pa.array(frame["image_name"], type=pa.string()),
+               pc.cast(pa.array(frame["idx"].to_numpy()), pa.string())]  # fmt: skip
+    key = pc.binary_join_element_wise(*columns, "\x1f")
+    if isinstance(key, pa.ChunkedArray):
+        key = key.combine_chunks()
+    codes = key.dictionary_encode().indices.to_numpy(zero_copy_only=False)
+    _, first = np.unique(codes, return_index=True)
+    return first[codes]
+
+
 def validate_rows(raw: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
     """Type the columns and give each row a reject reason (empty string = fine).
 
@@ -267,11 +289,7 @@ def validate_rows(raw: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, pd.Seri
     # Copy-on-write: the new frame shares every unchanged column with ``raw``.
     typed = raw.assign(score=score, idx=np.where(idx_ok, idx_vals, -1).astype("int64"))
     clean = typed[reason == ""]
-    first_row = (
-        pd.Series(clean.index, index=clean.index)
-        .groupby([clean[c] for c in _OBJECT_KEY], sort=False)
-        .transform("first")
-    )
+    first_row = pd.Series(clean.index.to_numpy()[first_of_each_key(clean)], index=clean.index)
     dup = mark((first_row != clean.index).reindex(raw.index, fill_value=False), "duplicate_object")
     detail[dup] = [
         f"(username, image_name, idx) = {(u, i, int(x))!r} repeats data row {first_row[r]}; "
