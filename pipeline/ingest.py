@@ -736,9 +736,10 @@ def ingest(cfg: Config, paths: OutputPaths, progress: bool = True) -> IngestResu
     typed.insert(0, schema.SOURCE_ROW, np.arange(len(typed), dtype=np.int64))
     rejects = _rejects_frame(typed[schema.SOURCE_ROW], raw, reasons.to_numpy(), details.to_numpy())
     _raise_on_bad_object(cfg, rejects)
-    candidates = typed[reasons.to_numpy() == ""]
+    clean = reasons.to_numpy() == ""
+    candidates = typed if clean.all() else typed[clean]  # no copy of a clean table
     candidates.insert(0, schema.OBJECT_ID, np.arange(len(candidates), dtype=np.int64))
-    del raw, typed, reasons, details  # the table is held once from here on
+    del raw, typed, reasons, details, clean  # the table is held once from here on
     if len(candidates) == 0:
         _fail_with_no_objects(cfg, rejects, paths)
 
@@ -799,6 +800,7 @@ def ingest(cfg: Config, paths: OutputPaths, progress: bool = True) -> IngestResu
     }
     write_object_parts(objects, store_ids, paths.objects, chunk_rows, progress)
     del objects  # the table is written: free it before the vectors' buffers are taken
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory
     mirror_to_store(
         memmap, store_ids, paths.store, chunk_rows, cfg.ingest.compression, attrs, progress
     )
