@@ -7,7 +7,6 @@ One place for what downstream consumers rely on. Round-trip tests in
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 #: Columns the objects CSV must have (the write-up's names). Extra columns are carried.
@@ -128,8 +127,3 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("detail", pa.string()),
     ]
 )
-
-
-def empty_frame(schema: pa.Schema) -> pd.DataFrame:
-    """An empty pandas frame with the dtypes ``schema`` maps to (dask ``meta``)."""
-    return schema.empty_table().to_pandas()

@@ -37,7 +37,7 @@ from pipeline import schema, sinks, summarize
 from pipeline.cli import app
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.ingest import ingest, read_objects_csv, validate_rows
+from pipeline.ingest import REJECT_REASONS, ingest, read_objects_csv, validate_rows
 from pipeline.plan import OutputPaths
 from pipeline.run import run
 from pipeline.synthetic import DemoDataset, make_demo_dataset
@@ -400,7 +400,8 @@ def test_every_input_row_ends_in_exactly_one_place(dataset, tmp_path):
     assert result.exit_code == 0, result.output
     paths = OutputPaths.from_config(config_for(dataset, out))
     rejects = sinks.read_parquet(paths.rejects)
-    labelled = sinks.read_parquet(f"{paths.root}/postprocessed.parquet")
+    assert set(rejects["reason"]) <= set(REJECT_REASONS)
+    labelled = sinks.read_parquet(paths.postprocessed)
     kept = sinks.read_parquet(paths.clusters_parquet)
     removed = labelled[labelled[schema.STATUS] != schema.STATUS_KEPT]
     places = pd.concat(
