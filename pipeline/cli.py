@@ -1,7 +1,8 @@
-"""The command line: parse flags, load the config once, call :func:`pipeline.run.run`.
+"""The command line: parse flags, load the config once, call :func:`pipeline.runner.run`.
 
 User mistakes (:class:`PipelineError`) print one line per problem and exit 2 (config) or
-1 (data); anything else is a bug and keeps its traceback.
+1 (data); anything else is a bug and keeps its traceback. Heavy modules are imported
+inside the commands, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from typing import Annotated
 
 import typer
 
-from .config import Config, load_config
 from .errors import PipelineError
-from .plan import STAGES, plan_run
+from .stages import STAGE_NAMES
 
 app = typer.Typer(
     add_completion=False,
@@ -57,7 +57,10 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(getattr(exc, "exit_code", 1))
 
 
-def _load(config: Path, overrides: list[str] | None, scheduler: str | None, quiet: bool) -> Config:
+def _load(config: Path, overrides: list[str] | None, scheduler: str | None, quiet: bool):
+    """The validated config, with the CLI's flags applied as overrides."""
+    from .config import load_config
+
     overrides = list(overrides or [])
     if scheduler:
         overrides.append(f"executor.scheduler={scheduler}")
@@ -70,7 +73,8 @@ def _run_stages(
     stages: tuple[str, ...], config: Path, overrides: list[str] | None, scheduler: str | None,
     force: bool, dry_run: bool, quiet: bool,
 ) -> None:  # fmt: skip
-    from .run import run
+    from .plan import plan_run
+    from .runner import run
 
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
@@ -81,24 +85,16 @@ def _run_stages(
         cfg = _load(config, overrides, scheduler, quiet)
         plan = plan_run(cfg, stages)
         if dry_run:
-            typer.echo(repr(plan))
-            _print_training_plan(cfg, plan)
+            from .runner import describe_plan
+
+            typer.echo(describe_plan(cfg, plan, force))
             return
-        result = run(cfg, stages, force=force, plan=plan)
+        result = run(cfg, stages, force=force, plan=plan, verbose=not quiet)
     except PipelineError as exc:
         _fail(exc)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     skipped = f"; skipped (up to date): {', '.join(result.skipped)}" if result.skipped else ""
-    typer.echo(f"done: {timings or 'nothing to do'}{skipped}. Outputs in {result.paths.root}")
-
-
-def _print_training_plan(cfg: Config, plan) -> None:
-    from .run import training_plan
-
-    try:
-        typer.echo(repr(training_plan(cfg, plan.paths)))
-    except PipelineError:
-        typer.echo("TrainPlan: known after ingest (the store does not exist yet)")
+    typer.echo(f"done: {timings or 'nothing to do'}{skipped}. Outputs in {result.catalog.root}")
 
 
 def _stage_command(stage: str):
@@ -126,18 +122,21 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """Run every stage, skipping those already up to date."""
-    _run_stages(STAGES, config, set_, scheduler, force, dry_run, quiet)
+    _run_stages(STAGE_NAMES, config, set_, scheduler, force, dry_run, quiet)
 
 
-for _stage in STAGES:
+for _stage in STAGE_NAMES:
     app.command(name=_stage)(_stage_command(_stage))
 
 
 @app.command()
 def validate(config: ConfigOpt = Path("config.yaml"), set_: SetOpt = None) -> None:
-    """Check the config file and print the resolved configuration."""
+    """Check the config file and its input paths, and print the resolved configuration."""
+    from .runner import check_inputs
+
     try:
-        cfg = load_config(config, set_)
+        cfg = _load(config, set_, None, False)
+        check_inputs(cfg)
     except PipelineError as exc:
         _fail(exc)
     import yaml
@@ -171,21 +170,24 @@ def groups(
         clusters: [42]
     """
     from .groups import apply_groups
-    from .plan import OutputPaths
-    from .report import write_report
+    from .runner import run
 
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s"
     )
     try:
         cfg = _load(config, set_, None, quiet)
-        paths = OutputPaths.from_config(cfg)
-        result = apply_groups(cfg, paths, file)
-        report = write_report(cfg, paths, groups_file=result.source)
+        result = apply_groups(cfg, file)
+        # The report shows the groups file it was built with (its contents are part of
+        # the report's marker), so a later 'pipeline run' knows whether it is stale.
+        grouped = cfg.model_copy(
+            update={"report": cfg.report.model_copy(update={"groups_file": result.source})}
+        )
+        report = run(grouped, ("report",), force=True).catalog.report_index
     except PipelineError as exc:
         _fail(exc)
     counts = ", ".join(f"{name} {n:,}" for name, n in result.counts().items())
-    typer.echo(f"groups: {counts} objects. Wrote {result.csv}, {result.parquet} and {report.index}")
+    typer.echo(f"groups: {counts} objects. Wrote {result.csv}, {result.parquet} and {report}")
 
 
 @app.command("make-demo")

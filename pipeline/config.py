@@ -216,27 +216,75 @@ def _apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+#: Config keys holding a file or folder: relative values are resolved when loading.
+PATH_KEYS: tuple[tuple[str, str], ...] = (
+    ("input", "objects_csv"), ("input", "embeddings_root"), ("input", "embeddings_matrix"),
+    ("input", "images_root"), ("output", "dir"), ("output", "staging_dir"),
+    ("report", "groups_file"),
+)  # fmt: skip
+
+
+def resolve_path(value: Any, base: Path) -> Any:
+    """``value`` made absolute against ``base`` when it is a relative local path; URLs,
+    absolute paths, ``None`` and non-strings are returned unchanged.
+
+    >>> resolve_path("data/x.csv", Path("/cfg")), resolve_path("s3://b/k", Path("/cfg"))
+    ('/cfg/data/x.csv', 's3://b/k')
+    """
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else base / path)
+
+
+def _resolve_paths(data: dict, base: Path, only_present: bool) -> None:
+    """Resolve the path keys of ``data`` in place (defaults too, unless ``only_present``)."""
+    for section, key in PATH_KEYS:
+        values = data.get(section)
+        if values is None and only_present:
+            continue
+        if values is None:
+            values = data[section] = {}
+        if not isinstance(values, dict):
+            continue  # validation reports it
+        if key in values:
+            values[key] = resolve_path(values[key], base)
+        elif not only_present:
+            default = getattr(Config.model_fields[section].default, key)
+            values[key] = resolve_path(default, base)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load, override and validate the configuration once.
+
+    Relative paths in the file (and its defaults) are resolved against the file's folder,
+    so a config works from any working directory; paths given as overrides, against the
+    working directory, as the shell would.
 
     Parameters
     ----------
     path : str or Path, default=None
-        YAML file; ``None`` uses the built-in defaults.
+        YAML file; ``None`` uses the built-in defaults (relative to the working directory).
     overrides : list of str, default=None
         ``section.key=value`` strings applied on top of the file.
     """
     source = str(path) if path is not None else "<defaults>"
     data: Any = {}
+    base = Path.cwd()
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise MissingInputError(
-                f"Config file {source} does not exist. Pass an existing YAML file."
+                f"Config file {p.absolute()} does not exist. Pass an existing YAML file."
             )
         data = read_yaml_mapping(p, source, ConfigError, "a mapping of sections") or {}
+        base = p.absolute().parent
+    _resolve_paths(data, base, only_present=False)
+    cwd = Path.cwd()
     for text in overrides or []:
         key_path, value = parse_override(text)
+        if tuple(key_path) in PATH_KEYS:
+            value = resolve_path(value, cwd)
         _apply_override(data, key_path, value)
     try:
         return Config.model_validate(data)

@@ -9,7 +9,6 @@ here, with a progress bar and timing.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ import dask
 
 from .config import ExecutorConfig
 from .errors import SchedulerError
+from .plan import WorkerPlan
 
 log = logging.getLogger("pipeline")
 
@@ -43,9 +43,9 @@ class Executor:
     """A live dask context: compute lazy objects with progress, know the core count."""
 
     kind: str
+    n_cores: int
     client: Any = None
-    progress: bool = True
-    n_cores: int = os.cpu_count() or 1
+    progress: bool = False
 
     def compute(self, *objects: Any, desc: str = "") -> Any:
         """Compute dask collections on this executor; returns one result per object."""
@@ -99,20 +99,26 @@ def return_large_blocks_to_os(threshold_bytes: int = 4 << 20) -> None:
 
 
 @contextmanager
-def open_executor(cfg: ExecutorConfig) -> Iterator[Executor]:
-    """Enter the configured scheduler for the duration of the block."""
+def open_executor(
+    cfg: ExecutorConfig, workers: WorkerPlan, verbose: bool = False
+) -> Iterator[Executor]:
+    """Enter the configured scheduler for the duration of the block.
+
+    ``workers`` comes from the plan; progress bars and the dashboard link are printed
+    only when ``verbose`` (and ``executor.progress``).
+    """
     return_large_blocks_to_os()
     scheduler = cfg.scheduler
+    progress = verbose and cfg.progress
     if scheduler in ("threads", "processes", "synchronous"):
-        n = cfg.n_workers or (os.cpu_count() or 1)
+        n = workers.n_workers
         with dask.config.set(scheduler=scheduler, num_workers=n):
-            yield Executor(kind=scheduler, progress=cfg.progress, n_cores=n)
+            yield Executor(kind=scheduler, progress=progress, n_cores=n)
         return
     if scheduler == "local-cluster":
         from distributed import Client, LocalCluster
 
-        n_workers = cfg.n_workers or min(4, os.cpu_count() or 1)
-        threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // n_workers)
+        n_workers, threads = workers.n_workers, workers.threads_per_worker
         with (
             LocalCluster(
                 n_workers=n_workers,
@@ -128,18 +134,17 @@ def open_executor(cfg: ExecutorConfig) -> Iterator[Executor]:
                 threads,
                 client.dashboard_link,
             )
-            print(f"dask dashboard: {client.dashboard_link}", flush=True)
+            if verbose:
+                print(f"dask dashboard: {client.dashboard_link}", flush=True)
             yield Executor(
-                kind="local-cluster",
-                client=client,
-                progress=cfg.progress,
-                n_cores=n_workers * threads,
+                kind="local-cluster", n_cores=workers.n_cores, client=client, progress=progress
             )
         return
     client = _connect(scheduler, cfg.connect_timeout_s)
     try:
-        print(f"dask dashboard: {client.dashboard_link}", flush=True)
+        if verbose:
+            print(f"dask dashboard: {client.dashboard_link}", flush=True)
         cores = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values()) or 1
-        yield Executor(kind="distributed", client=client, progress=cfg.progress, n_cores=cores)
+        yield Executor(kind="distributed", n_cores=cores, client=client, progress=progress)
     finally:
         client.close()

@@ -26,15 +26,12 @@ from pathlib import Path
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from . import schema, sinks, store
+from . import schema, sinks
+from .catalog import Catalog, run_metadata
 from .config import Config, _format_validation_error, read_yaml_mapping
 from .errors import ConfigError, InputError, MissingInputError, StageOrderError
-from .plan import OutputPaths
 
 log = logging.getLogger("pipeline")
-
-GROUPS_CSV_NAME = "ins_posts_groups.csv"
-GROUPS_PARQUET_NAME = "ins_posts_groups.parquet"
 
 
 class GroupSpec(BaseModel):
@@ -201,32 +198,23 @@ def assign_groups(
     return pd.concat(parts, ignore_index=True)
 
 
-def _groups_url(paths: OutputPaths, name: str) -> str:
-    return store.join(paths.root, name)
-
-
-def resolve_groups(
-    cfg: Config, paths: OutputPaths, groups_file: str | Path | None = None
-) -> pd.DataFrame:
+def resolve_groups(catalog: Catalog, groups_file: str | Path) -> pd.DataFrame:
     """Load, check and assign the groups of ``groups_file`` against the run (no writes)."""
-    source = groups_file_of(cfg, groups_file)
+    source = str(groups_file)
     spec = load_groups(source)
-    fs, summary_path = store.filesystem(paths.cluster_summary)
-    if not fs.exists(summary_path):
+    if not catalog.exists(catalog.cluster_summary):
         raise StageOrderError(
-            f"Groups need the outputs of 'postprocess', which has not completed in {paths.root}. "
-            "Run 'pipeline run' first."
+            f"Groups need the outputs of 'postprocess', which has not completed in "
+            f"{catalog.root}. Run 'pipeline run' first."
         )
-    summary = sinks.read_parquet(paths.cluster_summary, columns=["cluster", "size", "size_final"])
+    summary = sinks.read_parquet(catalog.cluster_summary, columns=["cluster", "size", "size_final"])
     check_groups(spec, summary, source)
     clusters = sorted({c for group in spec.groups for c in group.clusters})
-    selected = sinks.read_parquet(paths.clusters_parquet, filters=[("cluster", "in", clusters)])
+    selected = sinks.read_parquet(catalog.clusters_parquet, filters=[("cluster", "in", clusters)])
     return assign_groups(spec, selected, source)
 
 
-def apply_groups(
-    cfg: Config, paths: OutputPaths, groups_file: str | Path | None = None
-) -> GroupsResult:
+def apply_groups(cfg: Config, groups_file: str | Path | None = None) -> GroupsResult:
     """Check the groups file and write ``ins_posts_groups.csv`` and ``.parquet`` (atomic).
 
     Parameters
@@ -235,11 +223,9 @@ def apply_groups(
         The reviewer's YAML; ``None`` uses ``report.groups_file``.
     """
     source = groups_file_of(cfg, groups_file)
-    table = resolve_groups(cfg, paths, source)
-    csv_url = _groups_url(paths, GROUPS_CSV_NAME)
-    parquet_url = _groups_url(paths, GROUPS_PARQUET_NAME)
-    from .run import run_metadata
-
+    catalog = Catalog.from_config(cfg.output)
+    table = resolve_groups(catalog, source)
+    csv_url, parquet_url = catalog.groups_csv, catalog.groups_parquet
     metadata = run_metadata(cfg, {"groups_file": source})
     sinks.write_csv(table, csv_url, schema.GROUPS_CSV_FIELDS, schema.GROUPS_SCHEMA)
     sinks.write_parquet(

@@ -1,87 +1,97 @@
 """Plan before executing: pure functions from config (and input shape) to frozen plans.
 
-``plan_run`` needs only the config (paths and stages); ``plan_training`` also needs the
-store's shape and fixes everything the fit depends on: the effective number of clusters,
-batch size, k-means++ sample, and the seeded block order of every epoch. Because the order
-comes from the seed alone, a local and a distributed run visit blocks identically.
+``plan_run`` needs only the config: the stages, where outputs go (the catalog) and every
+value derived from the config (shuffle seed, BLAS threads, worker counts), computed here
+once and nowhere else. ``plan_training`` also needs the store's shape and fixes what the
+fit depends on: the effective number of clusters, batch size, k-means++ sample, and the
+seeded block order of every epoch. Because the order comes from the seed alone, a local
+and a distributed run visit blocks identically. ``estimate_resources`` gives each stage's
+peak memory and disk from rows, dims, chunk rows and k (what ``--dry-run`` prints).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from .config import Config
+from .catalog import Catalog
+from .config import Config, ExecutorConfig, TrainConfig
 from .errors import ConfigError, InputError, must_be
-from .store import is_local, join, parse_location
+from .stages import STAGE_NAMES
 
-STAGES: tuple[str, ...] = ("ingest", "train", "predict", "postprocess", "report")
+
+def local_cores() -> int:
+    """CPU cores of this machine (the one fallback for every "all cores" default)."""
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
-class OutputPaths:
-    """Where every stage reads and writes (paths or fsspec URLs)."""
+class WorkerPlan:
+    """How many workers and threads the executor starts (``local-cluster``) or uses."""
 
-    root: str
-    staging: str
-    memmap: str
-    store: str
-    objects: str
-    rejects: str
-    ingest_summary: str
-    model: str
-    assignments: str
-    postprocessed: str
-    clusters_parquet: str
-    clusters_csv: str
-    cluster_summary: str
-    funnel: str
-    summary_markdown: str
-    report: str
-    markers: str
+    n_workers: int
+    threads_per_worker: int
 
-    @classmethod
-    def from_config(cls, cfg: Config) -> OutputPaths:
-        root = parse_location(cfg.output.dir).rstrip("/")
-        staging = cfg.output.staging_dir or (
-            join(root, "_staging") if is_local(root) else str(Path("work") / "staging")
-        )
-        stem = Path(cfg.output.csv_name).stem
-        return cls(
-            root=root,
-            staging=staging,
-            memmap=join(staging, "embeddings.f32"),
-            store=join(root, "embeddings.zarr"),
-            objects=join(root, "objects.parquet"),
-            rejects=join(root, "rejects.parquet"),
-            ingest_summary=join(root, "ingest.json"),
-            model=join(root, "model"),
-            assignments=join(root, "assignments.parquet"),
-            postprocessed=join(root, "postprocessed.parquet"),
-            clusters_parquet=join(root, f"{stem}.parquet"),
-            clusters_csv=join(root, cfg.output.csv_name),
-            cluster_summary=join(root, "cluster_summary.parquet"),
-            funnel=join(root, "funnel.parquet"),
-            summary_markdown=join(root, "summary.md"),
-            report=join(root, "report"),
-            markers=join(root, "_markers"),
-        )
+    @property
+    def n_cores(self) -> int:
+        return self.n_workers * self.threads_per_worker
+
+
+def plan_workers(cfg: ExecutorConfig, cores: int | None = None) -> WorkerPlan:
+    """Workers and threads per worker for the configured scheduler.
+
+    >>> plan_workers(ExecutorConfig(scheduler="local-cluster"), cores=16)
+    WorkerPlan(n_workers=4, threads_per_worker=4)
+    >>> plan_workers(ExecutorConfig(), cores=2)
+    WorkerPlan(n_workers=2, threads_per_worker=1)
+    """
+    cores = cores or local_cores()
+    if cfg.scheduler == "local-cluster":
+        n_workers = cfg.n_workers or min(4, cores)
+        return WorkerPlan(n_workers, cfg.threads_per_worker or max(1, cores // n_workers))
+    # threads / processes / synchronous: one pool of n_workers; a remote cluster's size is
+    # known only once connected (the executor reports it).
+    return WorkerPlan(cfg.n_workers or cores, 1)
+
+
+def shuffle_seed(cfg: Config) -> int:
+    """Seed of the store's row shuffle: ``ingest.shuffle_seed``, else ``train.seed``."""
+    return cfg.ingest.shuffle_seed if cfg.ingest.shuffle_seed is not None else cfg.train.seed
+
+
+def effective_chunk_rows(chunk_rows: int, n_rows: int) -> int:
+    """Rows per store chunk: the configured size, or all rows when there are fewer.
+
+    >>> effective_chunk_rows(8192, 1000), effective_chunk_rows(8192, 10**6)
+    (1000, 8192)
+    """
+    return max(1, min(chunk_rows, n_rows))
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What a run will do, before it does any of it."""
+    """What a run will do, before it does any of it: stages, outputs, derived values."""
 
     stages: tuple[str, ...]
-    paths: OutputPaths
+    catalog: Catalog
     scheduler: str
+    workers: WorkerPlan
+    blas_threads: int
+    shuffle_seed: int
+    chunk_rows: int
 
     def __repr__(self) -> str:
-        lines = [f"RunPlan(scheduler={self.scheduler!r})", f"  stages: {' -> '.join(self.stages)}"]
-        for name, value in self.paths.__dict__.items():
+        lines = [
+            f"RunPlan(scheduler={self.scheduler!r}, workers={self.workers.n_workers}, "
+            f"threads_per_worker={self.workers.threads_per_worker}, "
+            f"blas_threads={self.blas_threads}, shuffle_seed={self.shuffle_seed}, "
+            f"chunk_rows={self.chunk_rows})",
+            f"  stages: {' -> '.join(self.stages)}",
+        ]
+        for name, value in self.catalog.__dict__.items():
             lines.append(f"  {name:<17} {value}")
         return "\n".join(lines)
 
@@ -99,11 +109,17 @@ class TrainPlan:
     epochs: int
     refine_iterations: int
     seed: int
+    blas_threads: int
     block_orders: tuple[tuple[int, ...], ...] = field(repr=False)
 
     @property
     def n_blocks(self) -> int:
         return math.ceil(self.n_rows / self.chunk_rows)
+
+    def block_bounds(self, block: int) -> tuple[int, int]:
+        """Row range ``[start, stop)`` of a store block."""
+        start = block * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.n_rows)
 
     def __repr__(self) -> str:
         first = ", ".join(map(str, self.block_orders[0][:8])) if self.block_orders else ""
@@ -113,20 +129,25 @@ class TrainPlan:
             f"chunk_rows={self.chunk_rows}, blocks={self.n_blocks}, batch_size={self.batch_size}, "
             f"init_size={self.init_size}, epochs={self.epochs}, "
             f"refine_iterations={self.refine_iterations}, seed={self.seed}, "
-            f"epoch 1 block order=[{first}{more}])"
+            f"blas_threads={self.blas_threads}, epoch 1 block order=[{first}{more}])"
         )
 
 
-def plan_run(cfg: Config, stages: tuple[str, ...] = STAGES) -> RunPlan:
-    """Build the run plan: which stages, in which order, writing where."""
-    unknown = [s for s in stages if s not in STAGES]
+def plan_run(cfg: Config, stages: tuple[str, ...] = STAGE_NAMES) -> RunPlan:
+    """Build the run plan: which stages, in which order, writing where, with what."""
+    unknown = [s for s in stages if s not in STAGE_NAMES]
     if unknown:
-        raise ConfigError(must_be("Stage names", f"among {list(STAGES)}", unknown))
+        raise ConfigError(must_be("Stage names", f"among {list(STAGE_NAMES)}", unknown))
     if cfg.train.n_clusters != "auto":
         check_chunk_rows(cfg.ingest.chunk_rows, cfg.train.n_clusters)
-    ordered = tuple(s for s in STAGES if s in stages)
     return RunPlan(
-        stages=ordered, paths=OutputPaths.from_config(cfg), scheduler=cfg.executor.scheduler
+        stages=tuple(s for s in STAGE_NAMES if s in stages),
+        catalog=Catalog.from_config(cfg.output),
+        scheduler=cfg.executor.scheduler,
+        workers=plan_workers(cfg.executor),
+        blas_threads=cfg.train.blas_threads or local_cores(),
+        shuffle_seed=shuffle_seed(cfg),
+        chunk_rows=cfg.ingest.chunk_rows,
     )
 
 
@@ -144,19 +165,20 @@ def check_chunk_rows(chunk_rows: int, n_clusters: int) -> None:
         )
 
 
-def effective_n_clusters(cfg: Config, n_rows: int) -> int:
+def effective_n_clusters(train: TrainConfig, n_rows: int) -> int:
     """``train.n_clusters``, or ``rows / target_cluster_size`` when it is ``auto``.
 
-    >>> from pipeline.config import Config
-    >>> effective_n_clusters(Config.model_validate({"train": {"n_clusters": "auto"}}), 61751)
+    >>> effective_n_clusters(TrainConfig(n_clusters="auto"), 61751)
     618
     """
-    if cfg.train.n_clusters == "auto":
-        return max(1, round(n_rows / cfg.train.target_cluster_size))
-    return int(cfg.train.n_clusters)
+    if train.n_clusters == "auto":
+        return max(1, round(n_rows / train.target_cluster_size))
+    return int(train.n_clusters)
 
 
-def plan_training(cfg: Config, n_rows: int, dim: int, chunk_rows: int) -> TrainPlan:
+def plan_training(
+    train: TrainConfig, n_rows: int, dim: int, chunk_rows: int, blas_threads: int
+) -> TrainPlan:
     """Check feasibility and fix the fit's derived parameters and block order.
 
     Raises
@@ -167,7 +189,7 @@ def plan_training(cfg: Config, n_rows: int, dim: int, chunk_rows: int) -> TrainP
         A store chunk smaller than the number of clusters (a mini-batch could not hold
         one row per centre).
     """
-    k = effective_n_clusters(cfg, n_rows)
+    k = effective_n_clusters(train, n_rows)
     if n_rows < k:
         raise InputError(
             must_be(
@@ -177,16 +199,14 @@ def plan_training(cfg: Config, n_rows: int, dim: int, chunk_rows: int) -> TrainP
                 "Lower train.n_clusters, use 'auto', or add objects.",
             )
         )
-    chunk_rows = min(chunk_rows, n_rows)
+    chunk_rows = effective_chunk_rows(chunk_rows, n_rows)
     check_chunk_rows(chunk_rows, k)
-    batch_size = min(cfg.train.batch_size, chunk_rows)
-    init_size = cfg.train.init_size or 32 * k
+    batch_size = min(train.batch_size, chunk_rows)
+    init_size = train.init_size or 32 * k
     init_size = min(max(init_size, k), n_rows)
     n_blocks = math.ceil(n_rows / chunk_rows)
-    rng = np.random.default_rng(cfg.train.seed)
-    orders = tuple(
-        tuple(int(b) for b in rng.permutation(n_blocks)) for _ in range(cfg.train.epochs)
-    )
+    rng = np.random.default_rng(train.seed)
+    orders = tuple(tuple(int(b) for b in rng.permutation(n_blocks)) for _ in range(train.epochs))
     return TrainPlan(
         n_rows=n_rows,
         dim=dim,
@@ -194,8 +214,53 @@ def plan_training(cfg: Config, n_rows: int, dim: int, chunk_rows: int) -> TrainP
         n_clusters=k,
         batch_size=batch_size,
         init_size=init_size,
-        epochs=cfg.train.epochs,
-        refine_iterations=cfg.train.refine_iterations,
-        seed=cfg.train.seed,
+        epochs=train.epochs,
+        refine_iterations=train.refine_iterations,
+        seed=train.seed,
+        blas_threads=blas_threads,
         block_orders=orders,
     )
+
+
+#: Private memory of a worker process with the libraries loaded (measured: ~170 MiB).
+_BASE_BYTES = 170 << 20
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    """Rough peak private memory and disk a stage needs (``--dry-run`` prints these)."""
+
+    peak_bytes: int
+    disk_bytes: int
+
+
+def estimate_resources(
+    n_rows: int, dim: int, chunk_rows: int, n_clusters: int, n_workers: int
+) -> dict[str, StageEstimate]:
+    """Per-stage estimates from the shape of the run.
+
+    The per-row constants are measured at 1,000,000 x 1,792 (README, *Benchmark results*):
+    ingest holds the objects table while validating it (~750 bytes a row), predict one
+    block and its score matrix per worker, post-processing the key columns (~170 bytes a
+    row). Disk counts what the stage leaves behind, plus the staging memmap for ingest.
+
+    >>> e = estimate_resources(1_000_000, 1792, 8192, 600, 2)
+    >>> round(e["ingest"].disk_bytes / 2**30, 1), round(e["ingest"].peak_bytes / 2**20)
+    (13.5, 1003)
+    """
+    chunk_rows = effective_chunk_rows(chunk_rows, n_rows)
+    vectors = n_rows * dim * 4
+    block = chunk_rows * dim * 4
+    model = n_clusters * dim * 4
+    init_rows = min(n_rows, 32 * n_clusters)
+    return {
+        "ingest": StageEstimate(_BASE_BYTES + 750 * n_rows + 4 * block, 2 * vectors + 120 * n_rows),
+        "train": StageEstimate(_BASE_BYTES + 2 * init_rows * dim * 4 + 8 * model + 2 * block,
+                               2 * model),
+        "predict": StageEstimate(
+            _BASE_BYTES + n_workers * (block + chunk_rows * n_clusters * 4) + 2 * model,
+            140 * n_rows,
+        ),
+        "postprocess": StageEstimate(_BASE_BYTES + 170 * n_rows, 300 * n_rows),
+        "report": StageEstimate(_BASE_BYTES + 100 * n_rows, n_clusters * 16 * 8_000),
+    }  # fmt: skip

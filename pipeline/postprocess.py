@@ -11,9 +11,11 @@ from __future__ import annotations
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+from dask import delayed
 
-from . import schema
+from . import schema, sinks, summarize
 from .config import PostprocessConfig
+from .context import StageContext
 
 
 def label_rows(
@@ -95,3 +97,42 @@ def attach_status(part: pd.DataFrame, codes: np.ndarray) -> pd.DataFrame:
     out = part.copy()
     out[schema.STATUS] = pd.array(names[codes[part[schema.OBJECT_ID].to_numpy()]], dtype="str")
     return out
+
+
+def postprocess_stage(context: StageContext, postprocess: PostprocessConfig) -> pd.DataFrame:
+    """Stage 4: label every assignment, write the selected rows (CSV and Parquet), the
+    post-processed table, the cluster summary and the funnel; returns the funnel."""
+    catalog, ex = context.catalog, context.executor
+    n_clusters = len(catalog.read_centres())
+    keys = dd.read_parquet(catalog.assignments, columns=key_columns(postprocess))
+    statuses = ex.compute(
+        apply_postprocessing(postprocess, keys)[[schema.OBJECT_ID, schema.STATUS]],
+        desc="postprocess",
+    )
+    codes = delayed(status_codes_by_object(statuses), pure=True)
+    assignments = dd.read_parquet(catalog.assignments)
+    labelled = assignments.map_partitions(
+        attach_status, codes, meta=attach_status(assignments._meta, np.zeros(0, np.int8))
+    )
+    metadata = {**context.metadata, "n_clusters": n_clusters}
+    sinks.write_parquet_dataset(
+        labelled, catalog.postprocessed, schema.ASSIGNMENTS_SCHEMA, metadata,
+        compute=lambda graph: ex.compute(graph, desc="postprocessed table"),
+    )  # fmt: skip
+    kept = sinks.read_parquet(
+        catalog.postprocessed, filters=[(schema.STATUS, "==", schema.STATUS_KEPT)]
+    )
+    kept = kept.sort_values(["cluster", "sim", schema.OBJECT_ID], ascending=[True, False, True])
+    sinks.write_csv(kept, catalog.clusters_csv, schema.OUTPUT_CSV_FIELDS, schema.CLUSTERS_SCHEMA)
+    sinks.write_parquet(
+        kept[[*schema.CLUSTERS_SCHEMA.names, schema.OBJECT_ID, schema.SOURCE_ROW]],
+        catalog.clusters_parquet, schema.CLUSTERS_SCHEMA, metadata,
+    )  # fmt: skip
+    del kept
+    table = sinks.read_parquet(catalog.postprocessed, columns=list(summarize.SUMMARY_COLUMNS))
+    summary = summarize.cluster_summary(table, n_clusters)
+    sinks.write_parquet(summary, catalog.cluster_summary, schema.CLUSTER_SUMMARY_SCHEMA, metadata)
+    info = catalog.read_ingest_summary()
+    funnel = summarize.funnel(info["n_input_rows"], info["rejected"], table)
+    sinks.write_parquet(funnel, catalog.funnel, schema.FUNNEL_SCHEMA, metadata)
+    return funnel

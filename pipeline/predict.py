@@ -16,6 +16,7 @@ from dask import delayed
 from threadpoolctl import threadpool_limits
 
 from . import kernels, schema, sinks, store
+from .context import StageContext
 
 
 def assign_store_block(
@@ -74,3 +75,17 @@ def assign_clusters(store_url: str, objects_url: str, centres: np.ndarray) -> dd
         for i, block in enumerate(blocks)
     ]
     return dd.from_delayed(parts, meta=assignments_meta(objects_url), verify_meta=False)
+
+
+def predict_stage(context: StageContext) -> None:
+    """Stage 3: write the assignment table (all objects with cluster, dist, sim)."""
+    catalog = context.catalog
+    centres = catalog.read_centres()
+    assignments = assign_clusters(catalog.store, catalog.objects, centres)
+    sinks.write_parquet_dataset(
+        assignments,
+        catalog.assignments,
+        schema.ASSIGNMENTS_SCHEMA.remove(schema.ASSIGNMENTS_SCHEMA.get_field_index(schema.STATUS)),
+        {**context.metadata, "n_clusters": len(centres)},
+        compute=lambda graph: context.executor.compute(graph, desc="predict"),
+    )

@@ -37,10 +37,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import groups as groups_module
 from . import schema, sinks, store, summarize
-from .config import Config, InputConfig
+from .catalog import Catalog
+from .config import InputConfig, PostprocessConfig, ReportConfig
+from .context import StageContext
 from .errors import PipelineError
-from .plan import OutputPaths
 
 log = logging.getLogger("pipeline")
 
@@ -359,7 +361,7 @@ def make_thumbnails(
     px: int,
     out_dir: Path,
     reuse_dir: Path | None = None,
-    n_workers: int | None = None,
+    n_workers: int = 1,
 ) -> tuple[dict[int, Thumb], ThumbStats]:
     """Crop each sample's ``bbox`` from its source image into ``out_dir`` (in parallel).
 
@@ -394,10 +396,10 @@ def make_thumbnails(
         )  # fmt: skip
         return {}, stats
     jobs = list(by_image.items())
-    batch = max(1, min(64, len(jobs) // (4 * (n_workers or os.cpu_count() or 1)) or 1))
+    batch = max(1, min(64, len(jobs) // (4 * n_workers) or 1))
     batches = [jobs[i : i + batch] for i in range(0, len(jobs), batch)]
     thumbs: dict[int, Thumb] = {}
-    with ThreadPoolExecutor(max_workers=n_workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
         for part, part_stats in pool.map(
             lambda b: _thumbs_of_images(b, px, out_dir, reuse_dir), batches
         ):
@@ -679,7 +681,8 @@ def badge(state: str) -> str:
 class ReportInputs:
     """Everything the pages are rendered from (read once, then pure rendering)."""
 
-    cfg: Config
+    report: ReportConfig
+    postprocess: PostprocessConfig
     summary: pd.DataFrame
     funnel: pd.DataFrame
     samples: pd.DataFrame
@@ -706,8 +709,8 @@ class ReportInputs:
 
 
 def _header(inputs: ReportInputs) -> str:
-    cfg, summary = inputs.cfg, inputs.summary
-    pp = cfg.postprocess
+    summary = inputs.summary
+    pp = inputs.postprocess
     dedupe = f"one row per {pp.dedupe_key} per cluster, " if pp.dedupe_key else ""
     return (
         '<header><h1>Cluster review</h1><p class="sub">'
@@ -793,7 +796,7 @@ def _plots_section(inputs: ReportInputs) -> str:
     counts_all, counts_kept = inputs.sim_counts["all"], inputs.sim_counts["kept"]
     nonzero = np.flatnonzero(counts_all)
     lo, hi = (nonzero[0], nonzero[-1] + 1) if len(nonzero) else (0, len(counts_all))
-    threshold = inputs.cfg.postprocess.min_similarity
+    threshold = inputs.postprocess.min_similarity
     t_bin = int(np.clip(np.searchsorted(SIM_BIN_EDGES, threshold), lo, hi))
     lo = min(lo, t_bin)
     hi = max(hi, t_bin)
@@ -940,13 +943,13 @@ def _index_section(inputs: ReportInputs, firsts: dict[int, str]) -> str:
 
 def render_index(inputs: ReportInputs) -> str:
     """The overview page."""
-    px = inputs.cfg.report.thumbnail_px
+    px = inputs.report.thumbnail_px
     firsts = {int(c): _preview(inputs, int(c), "", px) for c in inputs.summary["cluster"]}
     body = (
         _header(inputs)
         + "<main>"
         + _funnel_section(inputs.funnel)
-        + _sizes_section(inputs.summary, inputs.cfg.report.top_n)
+        + _sizes_section(inputs.summary, inputs.report.top_n)
         + _plots_section(inputs)
         + _groups_section(inputs, firsts)
         + _index_section(inputs, firsts)
@@ -966,10 +969,9 @@ def render_cluster_page(
     ``rec`` is the cluster's ``cluster_summary`` row; ``samples`` its rows of
     :func:`select_samples` (as records).
     """
-    cfg = inputs.cfg
     c = int(rec["cluster"])
     state = cluster_state(rec)
-    pp = cfg.postprocess
+    pp = inputs.postprocess
     steps = [
         ("assigned by k-means", int(rec["size"]), "", 0),
         (
@@ -1019,8 +1021,8 @@ def render_cluster_page(
         verdict = "Every member kept."
     else:
         verdict = "No object was assigned to this centre."
-    px = cfg.report.thumbnail_px
-    n = cfg.report.samples_per_cluster
+    px = inputs.report.thumbnail_px
+    n = inputs.report.samples_per_cluster
     sections = []
     top = sorted((r for r in samples if r["which"] == "top"), key=lambda r: r["rank"])
     tail = sorted((r for r in samples if r["which"] == "tail"), key=lambda r: r["rank"])
@@ -1211,19 +1213,18 @@ def _scan_labelled(url: str, n: int, n_workers: int) -> tuple[pd.DataFrame, dict
     return chosen.merge(rows, on=schema.OBJECT_ID, how="left", validate="many_to_one"), counts
 
 
-def _load_groups(cfg: Config, paths: OutputPaths, groups_file: str | None) -> dict:
-    source = groups_file if groups_file is not None else cfg.report.groups_file
-    if source is None:
+def _load_groups(catalog: Catalog, groups_file: str | None) -> dict:
+    """The reviewer's groups to show; a file that no longer fits the run is reported on
+    the page (and logged) instead of failing the report."""
+    if groups_file is None:
         return {}
-    from . import groups as groups_module
-
     try:
-        table = groups_module.resolve_groups(cfg, paths, source)
+        table = groups_module.resolve_groups(catalog, groups_file)
     except PipelineError as exc:
         log.warning("report: groups not shown: %s", exc)
-        return {"groups_source": str(source), "groups_error": str(exc)}
+        return {"groups_source": str(groups_file), "groups_error": str(exc)}
     return {
-        "groups_source": str(source),
+        "groups_source": str(groups_file),
         "groups": table[["cluster", schema.OBJECT_ID, schema.GROUP]],
     }
 
@@ -1245,31 +1246,36 @@ def _report_folder(url: str) -> Iterator[tuple[Path, Path | None]]:
 
 
 def write_report(
-    cfg: Config, paths: OutputPaths, n_workers: int | None = None, groups_file: str | None = None
+    report: ReportConfig,
+    input: InputConfig,
+    postprocess: PostprocessConfig,
+    catalog: Catalog,
+    n_workers: int = 1,
+    groups_file: str | None = None,
 ) -> ReportResult:
-    """Render the report folder ``paths.report`` from the run's summary tables.
+    """Render the report folder ``catalog.report`` from the run's summary tables.
 
     Parameters
     ----------
-    n_workers : int, default=None
-        Threads reading the table parts and making thumbnails; ``None`` = all cores.
+    n_workers : int, default=1
+        Threads reading the table parts and making thumbnails.
     groups_file : str, default=None
-        The reviewer's groups YAML to show; ``None`` uses ``report.groups_file``.
+        The reviewer's groups YAML to show (``None``: no groups).
     """
     start = time.perf_counter()
-    n_workers = n_workers or os.cpu_count() or 1
-    summary = sinks.read_parquet(paths.cluster_summary)
-    funnel_table = sinks.read_parquet(paths.funnel)
+    summary = sinks.read_parquet(catalog.cluster_summary)
+    funnel_table = sinks.read_parquet(catalog.funnel)
     samples, sim_counts = _scan_labelled(
-        paths.postprocessed, cfg.report.samples_per_cluster, n_workers
+        catalog.postprocessed, report.samples_per_cluster, n_workers
     )
     inputs = ReportInputs(
-        cfg=cfg, summary=summary, funnel=funnel_table, samples=samples, sim_counts=sim_counts,
-        root=paths.root, **_load_groups(cfg, paths, groups_file),
+        report=report, postprocess=postprocess, summary=summary, funnel=funnel_table,
+        samples=samples, sim_counts=sim_counts, root=catalog.root,
+        **_load_groups(catalog, groups_file),
     )  # fmt: skip
-    with _report_folder(paths.report) as (folder, previous):
+    with _report_folder(catalog.report) as (folder, previous):
         inputs.thumbs, stats = make_thumbnails(
-            samples, cfg.input, cfg.report.thumbnail_px, folder / "thumbs",
+            samples, input, report.thumbnail_px, folder / "thumbs",
             previous / "thumbs" if previous else None, n_workers,
         )  # fmt: skip
         (folder / "report.css").write_text(CSS.lstrip(), encoding="utf-8")
@@ -1289,6 +1295,27 @@ def write_report(
     seconds = time.perf_counter() - start
     log.info(
         "report: %d cluster pages, %d thumbnails made, %d reused, in %.1f s: %s",
-        len(ids), stats.made, stats.reused, seconds, store.join(paths.report, "index.html"),
+        len(ids), stats.made, stats.reused, seconds, catalog.report_index,
     )  # fmt: skip
-    return ReportResult(store.join(paths.report, "index.html"), len(ids), stats, seconds)
+    return ReportResult(catalog.report_index, len(ids), stats, seconds)
+
+
+def report_stage(
+    context: StageContext,
+    report: ReportConfig,
+    input: InputConfig,
+    postprocess: PostprocessConfig,
+) -> None:
+    """Stage 5: ``summary.md`` (printed when verbose) and the HTML review report."""
+    catalog = context.catalog
+    summary = sinks.read_parquet(catalog.cluster_summary)
+    funnel_table = sinks.read_parquet(catalog.funnel)
+    text = summarize.summary_markdown(summary, funnel_table, report.top_n)
+    sinks.write_text(text, catalog.summary_markdown)
+    if context.verbose:
+        print(text)
+    result = write_report(
+        report, input, postprocess, catalog, context.executor.n_cores, report.groups_file
+    )
+    if context.verbose:
+        print(f"Review report: {result.index} ({result.seconds:.1f} s)")

@@ -117,6 +117,44 @@ FUNNEL_SCHEMA = pa.schema(
     ]
 )
 
+#: Why an input row is not clustered, in the order the checks run, each with its kind:
+#: ``csv`` (the row itself is malformed), ``selection`` (valid, but left out by
+#: ``select.*``) or ``embedding`` (its vector is missing or unusable). The funnel groups
+#: rejects by kind, so a reason missing here is an error, never a miscount.
+REJECT_REASONS: dict[str, str] = {
+    "missing_key": "csv",
+    "bad_score": "csv",
+    "bad_idx": "csv",
+    "bad_bbox": "csv",
+    "duplicate_object": "csv",
+    "not_selected:tag": "selection",
+    "not_selected:score": "selection",
+    "missing_user_folder": "embedding",
+    "missing_embedding_file": "embedding",
+    "corrupt_embedding_file": "embedding",
+    "wrong_dimension": "embedding",
+    "wrong_dtype": "embedding",
+    "idx_out_of_range": "embedding",
+    "non_finite_vector": "embedding",
+    "zero_vector": "embedding",
+}
+REJECT_KINDS: tuple[str, ...] = ("csv", "selection", "embedding")
+
+
+def reject_kind(reason: str) -> str:
+    """The kind of a reject reason.
+
+    >>> reject_kind("bad_bbox"), reject_kind("not_selected:tag")
+    ('csv', 'selection')
+    """
+    try:
+        return REJECT_REASONS[reason]
+    except KeyError:
+        raise ValueError(
+            f"Reject reason {reason!r} has no kind in schema.REJECT_REASONS; add it there."
+        ) from None
+
+
 REJECTS_SCHEMA = pa.schema(
     [
         pa.field(SOURCE_ROW, pa.int64(), nullable=False),

@@ -5,16 +5,19 @@ metadata, and the write-up's CSV. Every write is atomic (temporary path, then re
 from __future__ import annotations
 
 import json
+import math
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import dask.dataframe as dd
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .store import atomic_path, filesystem
+from . import schema
+from .store import atomic_path, filesystem, join, run_chunks
 
 METADATA_KEY = b"pipeline"
 _PACKAGES = ("numpy", "dask", "distributed", "zarr", "scikit-learn", "pandas", "pyarrow")
@@ -161,3 +164,24 @@ def part_urls(url: str) -> list[str]:
 def read_parquet_part(url: str, part: int) -> pd.DataFrame:
     """Read part ``part`` of a Parquet folder written by this package."""
     return read_parquet(f"{url.rstrip('/')}/part-{part:05d}.parquet")
+
+
+def write_object_parts(
+    objects: pd.DataFrame, store_ids: np.ndarray, url: str, chunk_rows: int, progress: bool
+) -> None:
+    """The objects table in store order, one ``part-<chunk>.parquet`` per store chunk, so it
+    is row-aligned with the store and its partitions match the store's blocks."""
+    object_ids = objects["object_id"].to_numpy()  # increasing: rows are in CSV order
+    with atomic_path(url) as tmp:
+        fs, tmp_path = filesystem(tmp)
+        fs.makedirs(tmp_path, exist_ok=True)
+
+        def write_part(c: int) -> None:
+            ids = store_ids[c * chunk_rows : (c + 1) * chunk_rows]
+            write_parquet(
+                objects.take(np.searchsorted(object_ids, ids)),
+                join(tmp, f"part-{c:05d}.parquet"),
+                schema.OBJECTS_SCHEMA,
+            )
+
+        run_chunks(write_part, math.ceil(len(store_ids) / chunk_rows), "ingest: objects", progress)

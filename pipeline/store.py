@@ -13,9 +13,11 @@ mini-batches need no random access, and predict streams the store sequentially.
 
 from __future__ import annotations
 
+import math
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,6 +25,7 @@ import dask.array as da
 import fsspec
 import numpy as np
 import zarr
+from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 
@@ -188,18 +191,71 @@ def read_rows(url: str, start: int, stop: int, out: np.ndarray | None = None) ->
     return out
 
 
-_reusable = threading.local()
+_thread_local = threading.local()
+
+
+def thread_buffer(name: str, rows: int, dim: int) -> np.ndarray:
+    """A float32 ``(rows, dim)`` array owned by the calling thread, reused across calls.
+
+    Freshly allocated block-sized arrays cost page faults on first touch (about as much as
+    reading the block); reusing one buffer per thread and purpose avoids them.
+    """
+    buffer = getattr(_thread_local, name, None)
+    if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != dim:
+        buffer = np.empty((rows, dim), dtype=np.float32)
+        setattr(_thread_local, name, buffer)
+    return buffer[:rows]
 
 
 def read_rows_reusing_buffer(url: str, start: int, stop: int) -> np.ndarray:
-    """Like :func:`read_rows`, but into a buffer this thread reuses for every call.
+    """Like :func:`read_rows`, but into this thread's reused read buffer.
 
-    Freshly allocated block-sized arrays cost page faults on first touch (about as much as
-    the read itself); reusing one buffer per thread avoids them. The result is only valid
-    until this thread's next call: use it inside one task, never return it.
+    The result is only valid until this thread's next call: use it inside one task, never
+    return it.
     """
     dim = zarr.open_array(url, path=VECTORS, mode="r").shape[1]
-    buffer = getattr(_reusable, "buffer", None)
-    if buffer is None or buffer.shape[0] < stop - start or buffer.shape[1] != dim:
-        buffer = _reusable.buffer = np.empty((stop - start, dim), dtype=np.float32)
-    return read_rows(url, start, stop, out=buffer[: stop - start])
+    return read_rows(url, start, stop, out=thread_buffer("read", stop - start, dim))
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def run_chunks(fn, n_chunks: int, desc: str, progress: bool) -> None:
+    """Call ``fn(chunk)`` for every chunk on two threads, with a progress bar."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for _ in tqdm(pool.map(fn, range(n_chunks)), total=n_chunks, desc=desc, unit="chunk",
+                      disable=not progress):  # fmt: skip
+            pass
+
+
+def mirror_to_store(
+    memmap: np.ndarray,
+    store_ids: np.ndarray,
+    url: str,
+    chunk_rows: int,
+    compression: str,
+    attrs: dict,
+    progress: bool,
+) -> None:
+    """Copy memmap rows into the Zarr store in ``store_ids`` order, one chunk per task.
+
+    Each chunk's rows are gathered into a reused buffer and written as one whole chunk (no
+    read-modify-write).
+    """
+    n_rows, dim = len(store_ids), memmap.shape[1]
+    with atomic_path(url) as tmp:
+        group = create_store(tmp, n_rows, dim, chunk_rows, compression, attrs)
+        vectors, ids_array = group[VECTORS], group[OBJECT_IDS]
+
+        def write_chunk(c: int) -> None:
+            start, stop = c * chunk_rows, min((c + 1) * chunk_rows, n_rows)
+            ids = store_ids[start:stop]
+            # One block-sized buffer per thread, reused (fresh ones cost page faults). The
+            # rows are gathered in shuffled order straight into it: each is a contiguous
+            # 7 KB read of the memmap, so the order costs nothing while it is cached.
+            block = thread_buffer("gather", len(ids), dim)
+            np.take(memmap, ids, axis=0, out=block)
+            vectors[start:stop] = block
+            ids_array[start:stop] = ids
+
+        run_chunks(write_chunk, math.ceil(n_rows / chunk_rows), "ingest: write zarr", progress)

@@ -14,7 +14,6 @@ from . import schema
 
 #: Columns of the post-processed table the summary tables need.
 SUMMARY_COLUMNS = ("object_id", "cluster", "sim", "dist", "tag", "status")
-CSV_REJECTS = ("missing_key", "bad_score", "bad_idx", "bad_bbox", "duplicate_object")
 
 
 def dominant_tags(tags: pd.Series, top: int = 3) -> str:
@@ -65,9 +64,11 @@ def funnel(n_input_rows: int, rejected: dict[str, int], labelled: pd.DataFrame) 
     The ``removed`` column plus the last ``rows`` always adds up to ``n_input_rows``:
     every input row is in the output, removed by a named step, or rejected.
     """
-    csv_rejects = sum(v for k, v in rejected.items() if k in CSV_REJECTS)
-    not_selected = sum(v for k, v in rejected.items() if k.startswith("not_selected"))
-    embedding_rejects = sum(rejected.values()) - csv_rejects - not_selected
+    by_kind = dict.fromkeys(schema.REJECT_KINDS, 0)
+    for reason, count in rejected.items():
+        by_kind[schema.reject_kind(reason)] += count
+    csv_rejects, not_selected = by_kind["csv"], by_kind["selection"]
+    embedding_rejects = by_kind["embedding"]
     status = labelled[schema.STATUS]
 
     def clusters_where(mask: pd.Series) -> int:

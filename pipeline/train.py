@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +24,11 @@ from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
 from . import kernels, store
-from .config import Config, TrainConfig
-from .plan import TrainPlan
+from .config import TrainConfig
+from .context import StageContext
+from .plan import TrainPlan, plan_training
+
+log = logging.getLogger("pipeline")
 
 
 @dataclass
@@ -39,15 +43,9 @@ class FittedModel:
         return self.estimator.cluster_centers_
 
 
-def block_bounds(plan: TrainPlan, block: int) -> tuple[int, int]:
-    """Row range ``[start, stop)`` of a store block."""
-    start = block * plan.chunk_rows
-    return start, min(start + plan.chunk_rows, plan.n_rows)
-
-
-def init_model(url: str, plan: TrainPlan, cfg: TrainConfig, blas_threads: int) -> FittedModel:
+def init_model(url: str, plan: TrainPlan, cfg: TrainConfig) -> FittedModel:
     """k-means++ on the store's first ``init_size`` rows (a uniform random sample)."""
-    with threadpool_limits(blas_threads):
+    with threadpool_limits(plan.blas_threads):
         sample = store.read_rows(url, 0, plan.init_size)
         centres = kernels.kmeans_plusplus(
             sample, plan.n_clusters, plan.seed, cfg.init_projection_dim, overwrite_sample=True
@@ -129,28 +127,43 @@ def _tree_reduce(items: list, combine) -> object:
     return items[0]
 
 
-def fit_centroids(cfg: Config, plan: TrainPlan, store_url: str, blas_threads: int) -> delayed:
+def fit_centroids(cfg: TrainConfig, plan: TrainPlan, store_url: str) -> delayed:
     """Build the lazy fit graph; computing it returns a :class:`FittedModel`.
 
-    Parameters
-    ----------
-    blas_threads : int
-        BLAS/OpenMP threads inside the sequential ``partial_fit`` tasks (the parallel
-        refinement tasks use one each, so they do not oversubscribe the cores). Part of
-        the plan so a local and a distributed run compute identically.
+    The sequential ``partial_fit`` tasks use ``plan.blas_threads`` BLAS threads (the
+    parallel refinement tasks one each, so they do not oversubscribe the cores); it is
+    part of the plan so a local and a distributed run compute identically.
     """
-    model = delayed(init_model, pure=True)(store_url, plan, cfg.train, blas_threads)
+    model = delayed(init_model, pure=True)(store_url, plan, cfg)
     for order in plan.block_orders:
         for block in order:
-            start, stop = block_bounds(plan, block)
+            start, stop = plan.block_bounds(block)
             model = delayed(partial_fit_block, pure=True)(
-                model, store_url, start, stop, plan.batch_size, blas_threads
+                model, store_url, start, stop, plan.batch_size, plan.blas_threads
             )
     for iteration in range(1, plan.refine_iterations + 1):
         centres = delayed(centres_of, pure=True)(model)
         stats = [
-            delayed(block_cluster_sums, pure=True)(store_url, *block_bounds(plan, b), centres, 1)
+            delayed(block_cluster_sums, pure=True)(store_url, *plan.block_bounds(b), centres, 1)
             for b in range(plan.n_blocks)
         ]
         model = delayed(lloyd_update, pure=True)(model, _tree_reduce(stats, add_stats), iteration)
     return model
+
+
+def training_plan(train: TrainConfig, context: StageContext) -> TrainPlan:
+    """The fit's plan, from the train section and the ingested store's shape."""
+    return plan_training(train, *context.catalog.store_shape(), context.plan.blas_threads)
+
+
+def train_stage(context: StageContext, train: TrainConfig) -> None:
+    """Stage 2: fit the centres and save the model."""
+    plan = training_plan(train, context)
+    log.info("%r", plan)
+    model = context.executor.compute(
+        fit_centroids(train, plan, context.catalog.store), desc="train"
+    )
+    params = {k: v for k, v in model.estimator.get_params().items() if k != "init"}
+    description = {**context.metadata, "plan": repr(plan), "params": params,
+                   "history": model.history}  # fmt: skip
+    context.catalog.write_model(model.centres, model.estimator, description)

@@ -110,7 +110,7 @@ def worker_writeup(data: Path, out: Path, args, passes: int = 1) -> None:
 def worker_ours(data: Path, out: Path, args) -> None:
     from pipeline import sinks
     from pipeline.config import Config
-    from pipeline.run import read_centres, run
+    from pipeline.runner import run
 
     cfg = Config.model_validate(
         {
@@ -123,12 +123,12 @@ def worker_ours(data: Path, out: Path, args) -> None:
     )  # fmt: skip
     result = run(cfg, force=True)
     timings = {("fit" if k == "train" else k): v for k, v in result.timings.items()}
-    table = sinks.read_parquet(result.paths.assignments, columns=["source_row", "cluster", "sim"])
+    table = sinks.read_parquet(result.catalog.assignments, columns=["source_row", "cluster", "sim"])
     table = table.sort_values("source_row")
     _save(
         out,
         timings,
-        read_centres(result.paths.model),
+        result.catalog.read_centres(),
         table["cluster"].to_numpy(),
         table["sim"].to_numpy(),
     )
@@ -207,9 +207,10 @@ def run_worker(method: str, data: Path, out: Path, args) -> tuple[dict, float]:
 
 def prepare_data(args) -> Path:
     """Generate the dataset and the write-up's memmap (CSV order) once per size."""
+    from pipeline.catalog import Catalog
     from pipeline.config import Config
-    from pipeline.ingest import ingest
-    from pipeline.plan import OutputPaths
+    from pipeline.ingest import ingest_objects
+    from pipeline.plan import shuffle_seed
     from pipeline.synthetic import make_demo_dataset
 
     data = Path(args.root) / f"rows{args.rows}-d{args.dim}-k{args.true_k}-s{args.seed}"
@@ -225,7 +226,14 @@ def prepare_data(args) -> Path:
             "output": {"dir": str(data / "_ingest"), "staging_dir": str(data)},
             "executor": {"progress": False},
         })  # fmt: skip
-        result = ingest(cfg, OutputPaths.from_config(cfg), progress=True)
+        result = ingest_objects(
+            cfg.input,
+            cfg.select,
+            cfg.ingest,
+            shuffle_seed(cfg),
+            Catalog.from_config(cfg),
+            progress=True,
+        )
         shutil.rmtree(data / "_ingest")
         (data / "memmap.json").write_text(json.dumps({"rows": result.n_rows, "dim": result.dim}))
     return data

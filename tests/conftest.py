@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.catalog import Catalog
 from pipeline.config import Config
+from pipeline.ingest import IngestResult, ingest_objects
+from pipeline.plan import shuffle_seed
 from pipeline.synthetic import DemoDataset, make_demo_dataset
 
 
@@ -64,3 +67,10 @@ def load_vectors(dataset: DemoDataset, frame) -> np.ndarray:
     for user, image, idx in frame[["username", "image_name", "idx"]].itertuples(index=False):
         rows.append(np.load(dataset.embeddings_root / user / "embeddings" / f"{image}.npy")[idx])
     return np.stack(rows)
+
+
+def ingest_only(cfg: Config) -> tuple[IngestResult, Catalog]:
+    """Run just the ingest of ``cfg`` (no runner, no markers); its counts and catalog."""
+    catalog = Catalog.from_config(cfg.output)
+    result = ingest_objects(cfg.input, cfg.select, cfg.ingest, shuffle_seed(cfg), catalog)
+    return result, catalog

@@ -64,7 +64,8 @@ def test_missing_csv_is_one_line_and_exit_1(tmp_path, small_dataset):
 def test_stage_before_its_upstream_is_a_clear_error(tmp_path, small_dataset):
     result = runner.invoke(app, ["predict", "-c", write_config(tmp_path, small_dataset)])
     assert result.exit_code == 1
-    assert "needs the outputs of 'train'" in result.output
+    assert "Stage 'predict' needs 'ingest' up to date" in result.output
+    assert "Run 'pipeline ingest'" in result.output
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, small_dataset):

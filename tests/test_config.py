@@ -11,9 +11,31 @@ from pipeline.errors import ConfigError, MissingInputError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_config_yaml_documents_the_defaults():
-    # config.yaml is the documentation of every key: it must equal the built-in defaults.
-    assert load_config(ROOT / "config.yaml") == Config()
+def test_config_yaml_documents_the_defaults(monkeypatch):
+    # config.yaml is the documentation of every key: it must equal the built-in defaults
+    # (both resolve relative paths against the repository root here).
+    monkeypatch.chdir(ROOT)
+    assert load_config(ROOT / "config.yaml") == load_config(None)
+    assert load_config(None).input.objects_csv == str(ROOT / Config().input.objects_csv)
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "c.yaml").write_text(
+        "input:\n  objects_csv: data/objects.csv\n  embeddings_matrix: /abs/m.npy\n"
+        "output:\n  dir: s3://bucket/run\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(folder / "c.yaml", ["report.groups_file=g.yaml"])
+    assert cfg.input.objects_csv == str(folder / "data" / "objects.csv")
+    assert cfg.input.embeddings_matrix == "/abs/m.npy"
+    assert cfg.output.dir == "s3://bucket/run"
+    # A default the file does not set is relative to the file too; an override, to the shell.
+    assert cfg.input.embeddings_root == str(folder / Config().input.embeddings_root)
+    assert cfg.report.groups_file == str(elsewhere / "g.yaml")
 
 
 def test_defaults_follow_the_write_up():

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from distributed import Client
 
-from pipeline.run import read_centres, run
+from pipeline.runner import run
 from pipeline.synthetic import make_demo_dataset
 from tests.conftest import config_for
 
@@ -107,10 +107,8 @@ def cluster(tmp_path):
 
 def test_run_against_hand_started_scheduler_equals_local(dataset, local_run, cluster, tmp_path):
     result = run(cfg_for(dataset, tmp_path / "out", scheduler=cluster.address))
-    assert digest(result.paths.clusters_csv) == digest(local_run.paths.clusters_csv)
-    np.testing.assert_array_equal(
-        read_centres(result.paths.model), read_centres(local_run.paths.model)
-    )
+    assert digest(result.catalog.clusters_csv) == digest(local_run.catalog.clusters_csv)
+    np.testing.assert_array_equal(result.catalog.read_centres(), local_run.catalog.read_centres())
 
 
 @pytest.mark.parametrize("stage_output", ["assignments.parquet", "postprocessed.parquet"])
@@ -137,4 +135,4 @@ def test_worker_killed_mid_stage_gives_the_same_output(
     watcher.join(timeout=1)
     assert killed.is_set(), "the worker was not killed during the stage"
     assert victim.wait(timeout=10) == -signal.SIGKILL
-    assert digest(result.paths.clusters_csv) == digest(local_run.paths.clusters_csv)
+    assert digest(result.catalog.clusters_csv) == digest(local_run.catalog.clusters_csv)

@@ -10,7 +10,7 @@ import zarr
 from sklearn.cluster import KMeans
 
 from pipeline import kernels, schema, sinks
-from pipeline.run import read_centres, run
+from pipeline.runner import run
 from tests.conftest import config_for
 
 
@@ -26,22 +26,22 @@ def finished_run(small_dataset, tmp_path_factory):
 
 def test_csv_has_exactly_the_write_up_fields(finished_run):
     cfg, result = finished_run
-    header = open(result.paths.clusters_csv).readline().strip().replace('"', "").split(",")
+    header = open(result.catalog.clusters_csv).readline().strip().replace('"', "").split(",")
     assert header == list(schema.OUTPUT_CSV_FIELDS)
-    csv = pd.read_csv(result.paths.clusters_csv)
-    parquet = sinks.read_parquet(result.paths.clusters_parquet)
+    csv = pd.read_csv(result.catalog.clusters_csv)
+    parquet = sinks.read_parquet(result.catalog.clusters_parquet)
     assert len(csv) == len(parquet) > 0
     np.testing.assert_allclose(csv["sim"], parquet["sim"], rtol=1e-6)
     assert (csv["sim"] > cfg.postprocess.min_similarity).all()
-    meta = sinks.read_run_metadata(result.paths.clusters_parquet)
+    meta = sinks.read_run_metadata(result.catalog.clusters_parquet)
     assert meta["config"]["train"]["n_clusters"] == 20 and "versions" in meta
 
 
 def test_funnel_follows_from_the_assignment_table(finished_run):
     cfg, result = finished_run
-    labelled = sinks.read_parquet(result.paths.postprocessed)
-    assignments = sinks.read_parquet(result.paths.assignments)
-    funnel = sinks.read_parquet(result.paths.funnel)
+    labelled = sinks.read_parquet(result.catalog.postprocessed)
+    assignments = sinks.read_parquet(result.catalog.assignments)
+    funnel = sinks.read_parquet(result.catalog.funnel)
     assert len(labelled) == len(assignments) == 2000
     # Recompute each step independently with plain pandas.
     dedup = assignments.sort_values(["sim", "object_id"], ascending=[False, True]).drop_duplicates(
@@ -56,20 +56,20 @@ def test_funnel_follows_from_the_assignment_table(finished_run):
         assignments["cluster"].nunique(), dedup["cluster"].nunique(),
         similar["cluster"].nunique(), final["cluster"].nunique(),
     ]  # fmt: skip
-    csv = pd.read_csv(result.paths.clusters_csv)
+    csv = pd.read_csv(result.catalog.clusters_csv)
     assert sorted(zip(csv["image_name"], csv["idx"], strict=False)) == sorted(
         zip(final["image_name"], final["idx"], strict=False)
     )
-    summary = sinks.read_parquet(result.paths.cluster_summary)
+    summary = sinks.read_parquet(result.catalog.cluster_summary)
     assert summary["size"].sum() == 2000 and summary["size_final"].sum() == len(final)
 
 
 def test_predict_equals_numpy_reference_on_saved_centres(finished_run):
     _, result = finished_run
-    centres = read_centres(result.paths.model)
-    group = zarr.open_group(result.paths.store, mode="r")
+    centres = result.catalog.read_centres()
+    group = zarr.open_group(result.catalog.store, mode="r")
     vectors, ids = group["vectors"][:], group["object_ids"][:]
-    assignments = sinks.read_parquet(result.paths.assignments).set_index("object_id").loc[ids]
+    assignments = sinks.read_parquet(result.catalog.assignments).set_index("object_id").loc[ids]
     d = ((vectors[:, None, :].astype(np.float64) - centres[None].astype(np.float64)) ** 2).sum(-1)
     labels = d.argmin(1)
     np.testing.assert_array_equal(assignments["cluster"].to_numpy(), labels)
@@ -81,8 +81,8 @@ def test_predict_equals_numpy_reference_on_saved_centres(finished_run):
 
 def test_inertia_close_to_full_batch_kmeans(finished_run):
     _, result = finished_run
-    centres = read_centres(result.paths.model)
-    vectors = zarr.open_group(result.paths.store, mode="r")["vectors"][:]
+    centres = result.catalog.read_centres()
+    vectors = zarr.open_group(result.catalog.store, mode="r")["vectors"][:]
     ours = kernels.inertia_of(vectors, centres, kernels.row_sq_norms(centres))
     reference = KMeans(n_clusters=20, n_init=1, random_state=0).fit(vectors).inertia_
     assert ours <= 1.03 * reference
@@ -90,7 +90,7 @@ def test_inertia_close_to_full_batch_kmeans(finished_run):
 
 def test_rerun_skips_up_to_date_stages_and_redoes_changed_ones(finished_run):
     cfg, result = finished_run
-    before = digest(result.paths.clusters_csv)
+    before = digest(result.catalog.clusters_csv)
     again = run(cfg)
     assert again.skipped == ["ingest", "train", "predict", "postprocess", "report"]
     stricter = cfg.model_copy(
@@ -98,23 +98,23 @@ def test_rerun_skips_up_to_date_stages_and_redoes_changed_ones(finished_run):
     )
     changed = run(stricter)
     assert changed.skipped == ["ingest", "train", "predict"]
-    assert digest(result.paths.clusters_csv) != before
+    assert digest(result.catalog.clusters_csv) != before
     restored = run(cfg)
     assert restored.skipped == ["ingest", "train", "predict"]
-    assert digest(result.paths.clusters_csv) == before
+    assert digest(result.catalog.clusters_csv) == before
 
 
 def test_same_seed_gives_byte_identical_outputs(small_dataset, tmp_path, finished_run):
     _, first = finished_run
     cfg = config_for(small_dataset, tmp_path / "again")
     second = run(cfg)
-    assert digest(first.paths.clusters_csv) == digest(second.paths.clusters_csv)
+    assert digest(first.catalog.clusters_csv) == digest(second.catalog.clusters_csv)
     # Parquet metadata records the (different) output folder; the data must be identical.
     for name in ("clusters_parquet", "cluster_summary", "funnel"):
-        a = pq.read_table(getattr(first.paths, name)).replace_schema_metadata()
-        b = pq.read_table(getattr(second.paths, name)).replace_schema_metadata()
+        a = pq.read_table(getattr(first.catalog, name)).replace_schema_metadata()
+        b = pq.read_table(getattr(second.catalog, name)).replace_schema_metadata()
         assert a.equals(b), name
-    np.testing.assert_array_equal(read_centres(first.paths.model), read_centres(second.paths.model))
+    np.testing.assert_array_equal(first.catalog.read_centres(), second.catalog.read_centres())
 
 
 def test_distributed_local_cluster_equals_threads(small_dataset, tmp_path, finished_run):
@@ -122,5 +122,5 @@ def test_distributed_local_cluster_equals_threads(small_dataset, tmp_path, finis
     cfg = config_for(small_dataset, tmp_path / "cluster",
                      executor={"scheduler": "local-cluster", "n_workers": 2, "threads_per_worker": 1})  # fmt: skip
     second = run(cfg)
-    assert digest(first.paths.clusters_csv) == digest(second.paths.clusters_csv)
-    np.testing.assert_array_equal(read_centres(first.paths.model), read_centres(second.paths.model))
+    assert digest(first.catalog.clusters_csv) == digest(second.catalog.clusters_csv)
+    np.testing.assert_array_equal(first.catalog.read_centres(), second.catalog.read_centres())

@@ -14,7 +14,7 @@ from pipeline import schema, sinks
 from pipeline.cli import app
 from pipeline.errors import InputError
 from pipeline.groups import GroupsSpec, assign_groups, check_groups
-from pipeline.run import run
+from pipeline.runner import run
 from tests.conftest import config_for
 
 runner = CliRunner()
@@ -91,8 +91,8 @@ def finished(small_dataset, tmp_path_factory):
     result = run(cfg)
     config = folder / "config.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    summary = sinks.read_parquet(result.paths.cluster_summary)
-    return config, result.paths, summary
+    summary = sinks.read_parquet(result.catalog.cluster_summary)
+    return config, result.catalog, summary
 
 
 def kept_clusters(summary: pd.DataFrame) -> list[int]:
@@ -209,12 +209,19 @@ def test_groups_command_without_a_file(finished, tmp_path):
 def test_report_shows_an_invalid_groups_file_without_failing(finished, tmp_path):
     config, paths, summary = finished
     from pipeline import report
+    from pipeline.catalog import Catalog
     from pipeline.config import load_config
-    from pipeline.plan import OutputPaths
 
     groups_file = tmp_path / "g.yaml"
     groups_file.write_text("groups:\n  - name: a\n    clusters: [100000]\n")
     cfg = load_config(config, [f"report.groups_file={groups_file}"])
-    report.write_report(cfg, OutputPaths.from_config(cfg), n_workers=1)
+    report.write_report(
+        cfg.report,
+        cfg.input,
+        cfg.postprocess,
+        Catalog.from_config(cfg),
+        n_workers=1,
+        groups_file=cfg.report.groups_file,
+    )
     index = (Path(paths.root) / "report" / "index.html").read_text(encoding="utf-8")
     assert "is not valid" in index and "no such cluster in the run" in index

@@ -8,14 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import sinks
-from pipeline.ingest import _is_bbox, ingest, read_objects_csv, valid_bboxes
-from pipeline.plan import OutputPaths
-from tests.conftest import config_for, load_vectors
+from pipeline.ingest.objects import _is_bbox, read_objects_csv, valid_bboxes
+from tests.conftest import config_for, ingest_only, load_vectors
 
 
 def ingest_into(cfg):
-    paths = OutputPaths.from_config(cfg)
-    return ingest(cfg, paths, progress=False), paths
+    return ingest_only(cfg)
 
 
 def read_store(paths):

@@ -16,7 +16,7 @@ from pipeline.synthetic import make_demo_dataset
 SCRIPT = """
 import sys
 from pipeline.config import Config
-from pipeline.run import run
+from pipeline.runner import run
 cfg = Config.model_validate({
     "input": {"objects_csv": sys.argv[1], "embeddings_matrix": sys.argv[2]},
     "ingest": {"chunk_rows": 512},
@@ -59,7 +59,7 @@ def test_run_on_matrix_larger_than_budget_stays_under_it(tmp_path):
         [
             sys.executable,
             "-c",
-            "import pipeline.run, sklearn.cluster, dask.dataframe, zarr, time; time.sleep(0.5)",
+            "import pipeline.runner, sklearn.cluster, dask.dataframe, zarr, time; time.sleep(0.5)",
         ]
     )
     rc, peak = peak_private_memory(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.run import run
+from pipeline.runner import run
 from tests.conftest import config_for
 
 s3fs = pytest.importorskip("s3fs", reason="the s3 test needs the s3fs and moto[server] test extras")
@@ -76,7 +76,7 @@ executor: {{progress: false}}
     remote = fs.cat("runs/demo/ins_posts_clusters.csv")
     assert (
         hashlib.sha256(remote).hexdigest()
-        == hashlib.sha256(Path(local.paths.clusters_csv).read_bytes()).hexdigest()
+        == hashlib.sha256(Path(local.catalog.clusters_csv).read_bytes()).hexdigest()
     )
     listing = {p.rsplit("/", 1)[-1] for p in fs.ls("runs/demo")}
     assert {"embeddings.zarr", "assignments.parquet", "model", "_markers"} <= listing

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from pipeline import report, schema, sinks, summarize
-from pipeline.plan import OutputPaths
-from pipeline.run import run
+from pipeline.catalog import Catalog
+from pipeline.runner import run
 from pipeline.synthetic import make_demo_dataset
 from tests.conftest import config_for
 
@@ -48,7 +48,7 @@ def report_run(image_dataset, tmp_path_factory):
         report={"samples_per_cluster": 4},
     )  # fmt: skip
     result = run(cfg)
-    return cfg, result.paths
+    return cfg, result.catalog
 
 
 class Tables(HTMLParser):
@@ -238,7 +238,14 @@ def test_thumbnails_only_for_samples_shown_and_reused_on_rerun(report_run):
         shown.update(int(x.split('"')[0]) for x in text.split('data-object="')[1:])
     made = {int(p.name.split("-")[0]) for p in (folder / "thumbs").glob("*.jpg")}
     assert made == shown
-    again = report.write_report(cfg, OutputPaths.from_config(cfg), n_workers=2)
+    again = report.write_report(
+        cfg.report,
+        cfg.input,
+        cfg.postprocess,
+        Catalog.from_config(cfg),
+        n_workers=2,
+        groups_file=cfg.report.groups_file,
+    )
     assert again.thumbnails.made == 0 and again.thumbnails.reused == len(made)
 
 
@@ -253,7 +260,14 @@ def test_missing_images_root_gives_metadata_cards(report_run, tmp_path, caplog):
         }
     )
     with caplog.at_level(logging.WARNING, logger="pipeline"):
-        result = report.write_report(missing, OutputPaths.from_config(missing), n_workers=1)
+        result = report.write_report(
+            missing.report,
+            missing.input,
+            missing.postprocess,
+            Catalog.from_config(missing),
+            n_workers=1,
+            groups_file=missing.report.groups_file,
+        )
     assert "does not exist" in caplog.text and "metadata cards" in caplog.text
     page = (copy / "report" / "clusters" / "0.html").read_text(encoding="utf-8")
     assert "<img" not in page and 'class="meta-card"' in page

@@ -1,0 +1,166 @@
+"""The catalog: where every output of a run lives, and how the small ones are read and
+written (model files, stage markers, the ingest summary, run metadata).
+
+Stages get their inputs and output locations from here, as Kedro nodes get theirs from a
+data catalog: no other module builds an output path. Bulk data goes through
+:mod:`pipeline.store` (the Zarr store) and :mod:`pipeline.sinks` (Parquet, CSV, JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import sinks, store
+from .config import Config, OutputConfig
+from .errors import StageOrderError
+
+#: Reviewer's groups outputs (see :mod:`pipeline.groups`).
+GROUPS_CSV_NAME = "ins_posts_groups.csv"
+GROUPS_PARQUET_NAME = "ins_posts_groups.parquet"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Where every stage reads and writes (local paths or fsspec URLs)."""
+
+    root: str
+    staging: str
+    memmap: str
+    store: str
+    objects: str
+    rejects: str
+    ingest_summary: str
+    model: str
+    assignments: str
+    postprocessed: str
+    clusters_parquet: str
+    clusters_csv: str
+    cluster_summary: str
+    funnel: str
+    summary_markdown: str
+    report: str
+    markers: str
+    groups_csv: str
+    groups_parquet: str
+
+    @classmethod
+    def from_config(cls, output: OutputConfig | Config) -> Catalog:
+        """The layout of ``output.dir`` (accepts the whole config for convenience)."""
+        output = output.output if isinstance(output, Config) else output
+        root = store.parse_location(output.dir).rstrip("/")
+        staging = output.staging_dir or (
+            store.join(root, "_staging") if store.is_local(root) else str(Path("work", "staging"))
+        )
+        stem = Path(output.csv_name).stem
+        at = lambda name: store.join(root, name)  # noqa: E731
+        return cls(
+            root=root,
+            staging=staging,
+            memmap=store.join(staging, "embeddings.f32"),
+            store=at("embeddings.zarr"),
+            objects=at("objects.parquet"),
+            rejects=at("rejects.parquet"),
+            ingest_summary=at("ingest.json"),
+            model=at("model"),
+            assignments=at("assignments.parquet"),
+            postprocessed=at("postprocessed.parquet"),
+            clusters_parquet=at(f"{stem}.parquet"),
+            clusters_csv=at(output.csv_name),
+            cluster_summary=at("cluster_summary.parquet"),
+            funnel=at("funnel.parquet"),
+            summary_markdown=at("summary.md"),
+            report=at("report"),
+            markers=at("_markers"),
+            groups_csv=at(GROUPS_CSV_NAME),
+            groups_parquet=at(GROUPS_PARQUET_NAME),
+        )
+
+    @property
+    def report_index(self) -> str:
+        return store.join(self.report, "index.html")
+
+    # ------------------------------------------------------------------ existence
+
+    @staticmethod
+    def exists(url: str) -> bool:
+        fs, path = store.filesystem(url)
+        return fs.exists(path)
+
+    # ------------------------------------------------------------------ markers
+
+    def marker_url(self, stage: str) -> str:
+        return store.join(self.markers, f"{stage}.json")
+
+    def read_marker(self, stage: str) -> dict | None:
+        """A stage's completion marker, or ``None`` if absent or unreadable."""
+        url = self.marker_url(stage)
+        if not self.exists(url):
+            return None
+        try:
+            marker = sinks.read_json(url)
+        except (ValueError, OSError):
+            return None
+        return marker if isinstance(marker, dict) and "key" in marker else None
+
+    def write_marker(self, stage: str, marker: dict) -> None:
+        sinks.write_json(marker, self.marker_url(stage))
+
+    def clear_marker(self, stage: str) -> None:
+        fs, path = store.filesystem(self.marker_url(stage))
+        if fs.exists(path):
+            fs.rm(path)
+
+    # ------------------------------------------------------------------ store
+
+    def store_shape(self) -> tuple[int, int, int]:
+        """``(n_rows, dim, chunk_rows)`` of the ingested store."""
+        attrs = store.open_store(self.store).attrs
+        return int(attrs["n_rows"]), int(attrs["dim"]), int(attrs["chunk_rows"])
+
+    # ------------------------------------------------------------------ ingest summary
+
+    def write_ingest_summary(self, summary: dict) -> None:
+        sinks.write_json(summary, self.ingest_summary)
+
+    def read_ingest_summary(self) -> dict:
+        return sinks.read_json(self.ingest_summary)
+
+    # ------------------------------------------------------------------ model
+
+    def write_model(self, centres: np.ndarray, estimator: Any, description: dict) -> None:
+        """Save the centres (``centers.npy``), the estimator (joblib) and ``model.json``."""
+        import joblib
+
+        fs, _ = store.filesystem(self.model)
+        with store.atomic_path(self.model) as tmp:
+            _, tmp_path = store.filesystem(tmp)
+            fs.makedirs(tmp_path, exist_ok=True)
+            with fs.open(f"{tmp_path}/centers.npy", "wb") as handle:
+                np.save(handle, np.asarray(centres, dtype=np.float32))
+            with fs.open(f"{tmp_path}/kmeans.joblib", "wb") as handle:
+                joblib.dump(estimator, handle)
+            with fs.open(f"{tmp_path}/model.json", "w") as handle:
+                json.dump(description, handle, indent=2, default=str)
+
+    def read_centres(self) -> np.ndarray:
+        """The fitted centres, ``(n_clusters, n_features)`` float32."""
+        fs, path = store.filesystem(self.model)
+        if not fs.exists(f"{path}/centers.npy"):
+            raise StageOrderError(f"No model at {self.model}. Run the 'train' stage first.")
+        with fs.open(f"{path}/centers.npy", "rb") as handle:
+            return np.load(handle)
+
+
+def run_metadata(cfg: Config, extra: dict | None = None) -> dict[str, Any]:
+    """What goes into every Parquet file's metadata: config, seed, package versions."""
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "seed": cfg.train.seed,
+        "versions": sinks.package_versions(),
+        **(extra or {}),
+    }

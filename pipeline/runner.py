@@ -1,0 +1,383 @@
+"""Run the stage table in order, skipping stages whose outputs are up to date.
+
+Each stage's marker records what its outputs were made from: the config values it depends
+on, fingerprints of its input files, the derived plan values, and its upstream marker's
+key; its key is a hash of all that. ``run`` redoes a stage (and every stage after it) when
+any of it changed or an output is missing; a single-stage command instead refuses an
+upstream that no longer matches the config, naming what changed. Before a stage starts,
+its marker and those after it are cleared, so a killed run leaves nothing marked complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import store
+from .catalog import Catalog, run_metadata
+from .config import Config
+from .context import StageContext
+from .errors import MissingInputError, PipelineError, StageOrderError
+from .executor import open_executor, timed
+from .plan import RunPlan, effective_n_clusters, estimate_resources, plan_run, plan_training
+from .stages import BY_NAME, STAGE_NAMES, STAGES, Stage, downstream_of
+
+log = logging.getLogger("pipeline")
+
+#: Input files up to this size are fingerprinted by their contents; larger ones (the
+#: objects CSV, an embeddings matrix) by size and modification time.
+_CONTENT_HASH_BYTES = 16 << 20
+
+
+@dataclass
+class RunResult:
+    """What a run did: stage timings, skipped stages, output locations and the funnel."""
+
+    catalog: Catalog
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    funnel: pd.DataFrame | None = None
+
+    @property
+    def paths(self) -> Catalog:  # the name earlier versions used
+        return self.catalog
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """Whether a stage's outputs match the current config and inputs, and why not."""
+
+    stage: str
+    key: str
+    up_to_date: bool
+    reasons: tuple[str, ...]
+
+    def describe(self) -> str:
+        if self.up_to_date:
+            return "up to date"
+        return "would run: " + "; ".join(self.reasons)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def tree_fingerprint(root: str) -> str:
+    """Hash of the path, size and mtime of every file under ``root`` (one ``stat`` each)."""
+    digest = hashlib.sha256()
+    for folder, subfolders, names in os.walk(root):
+        subfolders.sort()
+        for name in sorted(names):
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except OSError:  # a dangling link: its absence is what counts
+                digest.update(f"{folder}/{name}\0missing\n".encode())
+                continue
+            digest.update(f"{folder}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def file_fingerprint(path: str | None) -> Any:
+    """What identifies an input's contents: a content hash for small files, size and
+    mtime for large ones, a tree fingerprint for folders, ``None`` when absent."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return tree_fingerprint(path)
+    if not p.is_file():
+        return None
+    st = p.stat()
+    if st.st_size <= _CONTENT_HASH_BYTES:
+        return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _config_value(dumped: dict, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return dumped[section][name] if name else dumped[section]
+
+
+def _input_paths(cfg: Config, stage: Stage) -> dict[str, str | None]:
+    dumped = cfg.model_dump(mode="json")
+    paths = {key: _config_value(dumped, key) for key in stage.input_files}
+    if cfg.input.embeddings_matrix:  # the matrix replaces the per-image files
+        paths.pop("input.embeddings_root", None)
+    return paths
+
+
+def stage_record(cfg: Config, plan: RunPlan, stage: Stage, upstream_key: str | None) -> dict:
+    """What the stage's outputs are made from, as stored in its marker."""
+    dumped = cfg.model_dump(mode="json")
+    return {
+        "config": {key: _config_value(dumped, key) for key in stage.depends_on},
+        "inputs": {key: file_fingerprint(p) for key, p in _input_paths(cfg, stage).items()},
+        "derived": {name: getattr(plan, name) for name in stage.derived},
+        "upstream": upstream_key or "",
+    }
+
+
+def record_key(stage: str, record: dict) -> str:
+    payload = json.dumps({"stage": stage, **record}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def record_changes(old: dict, new: dict, upstream: str | None) -> list[str]:
+    """What differs between a marker's record and the current one, one phrase each.
+
+    >>> record_changes({"config": {"train": {"seed": 0}}, "inputs": {}, "derived": {},
+    ...                 "upstream": "a"}, {"config": {"train": {"seed": 1}}, "inputs": {},
+    ...                 "derived": {}, "upstream": "a"}, "ingest")
+    ['train.seed changed (0 -> 1)']
+    """
+    changes = []
+    for part in ("config", "derived"):
+        before = {}
+        after = {}
+        for key, value in (old.get(part) or {}).items():
+            before.update(_flatten(value, key))
+        for key, value in (new.get(part) or {}).items():
+            after.update(_flatten(value, key))
+        for key in sorted(before.keys() | after.keys()):
+            if before.get(key, "<unset>") != after.get(key, "<unset>"):
+                label = key if part == "config" else f"{key} (derived)"
+                was, now = before.get(key, "<unset>"), after.get(key, "<unset>")
+                changes.append(f"{label} changed ({_short(was)} -> {_short(now)})")
+    old_inputs, new_inputs = old.get("inputs") or {}, new.get("inputs") or {}
+    for key in sorted(old_inputs.keys() | new_inputs.keys()):
+        if old_inputs.get(key) != new_inputs.get(key):
+            changes.append(f"the contents of {key} changed")
+    if not changes and old.get("upstream") != new.get("upstream") and upstream:
+        changes.append(f"its upstream '{upstream}' was redone")
+    return changes
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _missing_outputs(catalog: Catalog, stage: Stage) -> list[str]:
+    return [name for name in stage.outputs if not catalog.exists(getattr(catalog, name))]
+
+
+def stage_statuses(cfg: Config, plan: RunPlan) -> dict[str, StageStatus]:
+    """Every stage's status against the current config and inputs, in pipeline order.
+
+    A stage is up to date when its marker's key equals the key it would get now (which
+    chains in its upstream's current key) and its outputs exist.
+    """
+    catalog = plan.catalog
+    statuses: dict[str, StageStatus] = {}
+    upstream_key = None
+    for stage in STAGES:
+        record = stage_record(cfg, plan, stage, upstream_key)
+        key = record_key(stage.name, record)
+        marker = catalog.read_marker(stage.name)
+        reasons: list[str] = []
+        if marker is not None and marker["key"] != key:
+            reasons += record_changes(marker.get("record") or {}, record, stage.upstream) or [
+                "its marker was written by another version"
+            ]
+        if stage.upstream and not statuses[stage.upstream].up_to_date:
+            reasons.append(f"its upstream '{stage.upstream}' would run")
+        elif marker is None:
+            reasons.append("no completed run in the output folder")
+        if not reasons:
+            missing = _missing_outputs(catalog, stage)
+            if missing:
+                reasons.append(f"output(s) missing: {', '.join(missing)}")
+        statuses[stage.name] = StageStatus(stage.name, key, not reasons, tuple(reasons))
+        upstream_key = key
+    return statuses
+
+
+def check_upstream(statuses: dict[str, StageStatus], requested: tuple[str, ...]) -> None:
+    """Refuse to run ``requested`` stages over an upstream that does not match the config.
+
+    Raises :class:`StageOrderError` naming the first stale stage, what changed, and the
+    command that fixes it.
+    """
+    first = STAGE_NAMES.index(requested[0])
+    for name in STAGE_NAMES[:first]:
+        status = statuses[name]
+        if status.up_to_date:
+            continue
+        needed = ", ".join(f"'{s}'" for s in requested)
+        fix = f"Run 'pipeline {name}' (or 'pipeline run') first"
+        if "changed" in status.reasons[0]:
+            fix += ", or use the values it ran with"
+        raise StageOrderError(
+            f"Stage {needed} needs '{name}' up to date, but {status.reasons[0]}. {fix}."
+        )
+
+
+def check_inputs(cfg: Config) -> None:
+    """The inputs must exist before anything is created in the output folder."""
+    inputs = cfg.input
+    if not Path(inputs.objects_csv).is_file():
+        raise MissingInputError(
+            f"Objects CSV {Path(inputs.objects_csv).absolute()} does not exist. "
+            "Set input.objects_csv."
+        )
+    if inputs.embeddings_matrix:
+        if not Path(inputs.embeddings_matrix).is_file():
+            raise MissingInputError(
+                f"Embeddings matrix {Path(inputs.embeddings_matrix).absolute()} does not exist. "
+                "Set input.embeddings_matrix."
+            )
+    elif not Path(inputs.embeddings_root).is_dir():
+        raise MissingInputError(
+            f"Embeddings root {Path(inputs.embeddings_root).absolute()} does not exist. "
+            "Set input.embeddings_root."
+        )
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(
+    cfg: Config,
+    stages: tuple[str, ...] = STAGE_NAMES,
+    force: bool = False,
+    plan: RunPlan | None = None,
+    verbose: bool = False,
+) -> RunResult:
+    """Run ``stages`` (in pipeline order) and return what happened.
+
+    With all stages (``pipeline run``) every stage whose outputs do not match the config
+    and inputs is redone, with everything after it; up-to-date stages are skipped unless
+    ``force``. With a subset (a single-stage command), the stages before it must be up to
+    date, else :class:`StageOrderError` says what changed. ``verbose`` prints progress
+    bars and the summary (the CLI sets it; the API is silent by default).
+    """
+    plan = plan or plan_run(cfg, stages)
+    catalog = plan.catalog
+    result = RunResult(catalog=catalog)
+    if "ingest" in plan.stages:
+        check_inputs(cfg)
+    statuses = stage_statuses(cfg, plan)
+    if plan.stages != STAGE_NAMES:
+        check_upstream(statuses, plan.stages)
+    store.check_writable(catalog.root, "output.dir")
+    if "ingest" in plan.stages:
+        store.check_writable(catalog.staging, "output.staging_dir")
+    store.remove_stale_temporaries(catalog.root)
+    store.remove_stale_temporaries(catalog.markers)
+    metadata = run_metadata(cfg)
+    upstream_key = None
+    with open_executor(cfg.executor, plan.workers, verbose) as ex:
+        context = StageContext(plan=plan, executor=ex, metadata=metadata, verbose=verbose)
+        for name in STAGE_NAMES:
+            stage = BY_NAME[name]
+            status = statuses[name]
+            if name not in plan.stages:
+                upstream_key = status.key
+                continue
+            record = stage_record(cfg, plan, stage, upstream_key)
+            key = record_key(name, record)
+            upstream_key = key
+            if not force and status.up_to_date and status.key == key:
+                log.info("%s: up to date (marker %s), skipped", name, key)
+                result.skipped.append(name)
+                continue
+            if not force:
+                log.info("%s: runs because %s", name, "; ".join(status.reasons))
+            # Its outputs are about to change: neither it nor any stage after it is complete.
+            for later in downstream_of(name):
+                catalog.clear_marker(later)
+            sections = {section: getattr(cfg, section) for section in stage.reads}
+            with timed(name, result.timings):
+                out = stage.load()(context, **sections)
+            if name == "postprocess":
+                result.funnel = out
+            catalog.write_marker(
+                name,
+                {
+                    "stage": name,
+                    "key": key,
+                    "record": record,
+                    "finished_at": time.time(),
+                    "seconds": result.timings[name],
+                },
+            )
+    return result
+
+
+def input_shape(cfg: Config, catalog: Catalog) -> tuple[int, int, str]:
+    """``(rows, dim, source)`` of the data: from the store once ingested, else counted
+    from the inputs (CSV lines, the dimension from ``ingest.dim`` or the first file)."""
+    if catalog.exists(catalog.store):
+        n_rows, dim, _ = catalog.store_shape()
+        return n_rows, dim, "the ingested store"
+    check_inputs(cfg)
+    with open(cfg.input.objects_csv, "rb") as handle:
+        n_rows = max(
+            0, sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b"")) - 1
+        )
+    dim = cfg.ingest.dim
+    if dim is None:
+        first = cfg.input.embeddings_matrix or next(
+            (str(p) for p in Path(cfg.input.embeddings_root).rglob("*.npy")), None
+        )
+        try:
+            dim = int(np.load(first, mmap_mode="r", allow_pickle=False).shape[1]) if first else 0
+        except Exception:  # any unreadable file: the estimate says so instead of failing
+            dim = 0
+    return n_rows, dim, "the input CSV (rows before rejects)"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n < 10 * 2**30 else f"{n / 2**30:,.1f} GiB"
+
+
+def describe_plan(cfg: Config, plan: RunPlan, force: bool = False) -> str:
+    """What ``--dry-run`` prints: the plan, then one line per stage saying whether it
+    would run and why, with its estimated peak memory and disk."""
+    statuses = stage_statuses(cfg, plan)
+    n_rows, dim, source = input_shape(cfg, plan.catalog)
+    k = effective_n_clusters(cfg.train, max(n_rows, 1))
+    estimates = estimate_resources(max(n_rows, 1), max(dim, 1), plan.chunk_rows, k,
+                                   plan.workers.n_workers)  # fmt: skip
+    lines = [repr(plan), f"  shape: {n_rows:,} rows x {dim} dims (from {source}), k = {k}"]
+    for name in STAGE_NAMES:
+        status = statuses[name]
+        if name not in plan.stages:
+            state = "not requested" + ("" if status.up_to_date else f" ({status.describe()})")
+        elif force:
+            state = "would run: --force"
+        else:
+            state = status.describe()
+        e = estimates[name]
+        lines.append(
+            f"  {name:<12} peak ~{_mib(e.peak_bytes)}, disk ~{_mib(e.disk_bytes)}: {state}"
+        )
+    if plan.catalog.exists(plan.catalog.store):
+        shape = plan.catalog.store_shape()
+        try:
+            lines.append(repr(plan_training(cfg.train, *shape, plan.blas_threads)))
+        except PipelineError as exc:
+            lines.append(f"TrainPlan: {exc}")
+    else:
+        lines.append("TrainPlan: known after ingest (the store does not exist yet)")
+    return "\n".join(lines)
