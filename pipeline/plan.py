@@ -240,13 +240,13 @@ def estimate_resources(
     """Per-stage estimates from the shape of the run.
 
     The per-row constants are measured at 1,000,000 x 1,792 (README, *Benchmark results*):
-    ingest holds the objects table while validating it (~750 bytes a row), predict one
+    ingest holds the objects table while validating it (~530 bytes a row), predict one
     block and its score matrix per worker, post-processing the key columns (~170 bytes a
     row). Disk counts what the stage leaves behind, plus the staging memmap for ingest.
 
     >>> e = estimate_resources(1_000_000, 1792, 8192, 600, 2)
     >>> round(e["ingest"].disk_bytes / 2**30, 1), round(e["ingest"].peak_bytes / 2**20)
-    (13.5, 1003)
+    (13.5, 899)
     """
     chunk_rows = effective_chunk_rows(chunk_rows, n_rows)
     vectors = n_rows * dim * 4
@@ -254,7 +254,7 @@ def estimate_resources(
     model = n_clusters * dim * 4
     init_rows = min(n_rows, 32 * n_clusters)
     return {
-        "ingest": StageEstimate(_BASE_BYTES + 750 * n_rows + 4 * block, 2 * vectors + 120 * n_rows),
+        "ingest": StageEstimate(_BASE_BYTES + 530 * n_rows + 4 * block, 2 * vectors + 120 * n_rows),
         "train": StageEstimate(_BASE_BYTES + 2 * init_rows * dim * 4 + 8 * model + 2 * block,
                                2 * model),
         "predict": StageEstimate(

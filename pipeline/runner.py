@@ -200,6 +200,7 @@ def stage_statuses(cfg: Config, plan: RunPlan) -> dict[str, StageStatus]:
                 "its marker was written by another version"
             ]
         if stage.upstream and not statuses[stage.upstream].up_to_date:
+            reasons = [r for r in reasons if not r.startswith("its upstream")]
             reasons.append(f"its upstream '{stage.upstream}' would run")
         elif marker is None:
             reasons.append("no completed run in the output folder")

@@ -3,7 +3,6 @@ and it works in a real headless browser (Debian's chromium, driven over DevTools
 
 from __future__ import annotations
 
-import doctest
 import json
 import logging
 import shutil
@@ -91,10 +90,6 @@ def read_page(path: Path) -> Tables:
 
 def as_int(value: str):
     return None if value == "" else int(value)
-
-
-def test_docstring_examples():
-    assert doctest.testmod(report, raise_on_error=False).failed == 0
 
 
 def test_overview_numbers_equal_the_summary_tables(report_run):

@@ -1,0 +1,169 @@
+"""The runner and the stage table: what is redone, what is refused, and why.
+
+Each test changes one thing a stage depends on (a config key, an input file's contents,
+a deleted output) on a finished copy of a small run and checks the runner's verdict and
+its words, then that a real rerun does exactly that.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.catalog import Catalog
+from pipeline.config import Config
+from pipeline.errors import MissingInputError, StageOrderError
+from pipeline.plan import plan_run
+from pipeline.runner import check_upstream, describe_plan, run, stage_statuses
+from pipeline.stages import STAGE_NAMES, STAGES
+from tests.conftest import config_for
+
+
+@pytest.fixture(scope="module")
+def finished(small_dataset, tmp_path_factory):
+    """One complete run, copied by each test that changes something."""
+    out = tmp_path_factory.mktemp("runner") / "out"
+    cfg = config_for(small_dataset, out, train={"epochs": 1, "refine_iterations": 0})
+    run(cfg)
+    return cfg
+
+
+@pytest.fixture
+def copy_of(finished, tmp_path):
+    """A private copy of the finished run and its config (pointing at the copy)."""
+    out = tmp_path / "out"
+    shutil.copytree(finished.output.dir, out)
+    return finished.model_copy(
+        update={"output": finished.output.model_copy(update={"dir": str(out)})}
+    )
+
+
+def with_values(cfg: Config, **sections) -> Config:
+    return cfg.model_copy(
+        update={
+            name: getattr(cfg, name).model_copy(update=values) for name, values in sections.items()
+        }
+    )
+
+
+def verdicts(cfg: Config) -> dict[str, tuple[bool, tuple[str, ...]]]:
+    statuses = stage_statuses(cfg, plan_run(cfg))
+    return {name: (s.up_to_date, s.reasons) for name, s in statuses.items()}
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def test_stage_table_is_consistent():
+    names = [stage.name for stage in STAGES]
+    assert len(set(names)) == len(names) == len(STAGE_NAMES)
+    sections = set(Config.model_fields)
+    catalog_fields = set(Catalog.__dataclass_fields__) | {"report_index"}
+    for i, stage in enumerate(STAGES):
+        assert stage.upstream == (names[i - 1] if i else None)
+        assert set(stage.reads) <= sections
+        for key in (*stage.depends_on, *stage.input_files):
+            section, _, name = key.partition(".")
+            assert section in sections
+            assert not name or name in type(getattr(Config(), section)).model_fields
+        assert set(stage.outputs) <= catalog_fields
+        # The function accepts exactly its own sections as keywords.
+        params = list(inspect.signature(stage.load()).parameters)
+        assert params[0] == "context" and set(params[1:]) == set(stage.reads)
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def test_a_finished_run_is_up_to_date(finished):
+    assert all(up for up, _ in verdicts(finished).values())
+    lines = describe_plan(finished, plan_run(finished)).splitlines()
+    for name in STAGE_NAMES:
+        line = next(x for x in lines if x.split()[:1] == [name] and "peak ~" in x)
+        assert line.endswith("up to date") and "peak ~" in line and "disk ~" in line
+
+
+def test_a_changed_key_redoes_its_stage_and_names_the_key(finished):
+    changed = with_values(finished, postprocess={"min_similarity": 0.5})
+    v = verdicts(changed)
+    assert v["ingest"][0] and v["train"][0] and v["predict"][0]
+    assert v["postprocess"] == (False, ("postprocess.min_similarity changed (0.7 -> 0.5)",))
+    assert v["report"] == (False, ("its upstream 'postprocess' would run",))
+
+
+def test_a_changed_seed_redoes_ingest_through_the_derived_shuffle_seed(finished):
+    v = verdicts(with_values(finished, train={"seed": 7}))
+    assert not v["ingest"][0] and "shuffle_seed (derived) changed (0 -> 7)" in v["ingest"][1]
+    assert "train.seed changed (0 -> 7)" in v["train"][1]
+
+
+def test_single_stage_refuses_a_stale_upstream_naming_the_change(copy_of):
+    run(with_values(copy_of, postprocess={"min_similarity": 0.5}), ("postprocess",))
+    with pytest.raises(StageOrderError) as err:
+        run(copy_of, ("report",))
+    message = str(err.value)
+    assert "needs 'postprocess' up to date" in message
+    assert "postprocess.min_similarity changed (0.5 -> 0.7)" in message
+    assert "Run 'pipeline postprocess'" in message and "\n" not in message
+    # 'pipeline run' redoes what changed instead.
+    result = run(copy_of)
+    assert list(result.timings) == ["postprocess", "report"]
+    assert result.skipped == ["ingest", "train", "predict"]
+
+
+def test_never_run_upstream_is_refused(small_dataset, tmp_path):
+    cfg = config_for(small_dataset, tmp_path / "out")
+    statuses = stage_statuses(cfg, plan_run(cfg))
+    with pytest.raises(StageOrderError, match="needs 'ingest' up to date, but no completed run"):
+        check_upstream(statuses, ("predict",))
+
+
+def test_groups_file_contents_count_for_the_report(copy_of, tmp_path):
+    groups = tmp_path / "groups.yaml"
+    groups.write_text("groups:\n  - name: a\n    clusters: [0]\n")
+    cfg = with_values(copy_of, report={"groups_file": str(groups)})
+    run(cfg)
+    assert verdicts(cfg)["report"][0]
+    groups.write_text("groups:\n  - name: b\n    clusters: [0]\n")  # same path, new contents
+    assert verdicts(cfg)["report"] == (False, ("the contents of report.groups_file changed",))
+    assert list(run(cfg).timings) == ["report"]
+
+
+def test_a_deleted_output_is_noticed(copy_of):
+    catalog = Catalog.from_config(copy_of.output)
+    Path(catalog.funnel).unlink()
+    v = verdicts(copy_of)
+    assert v["postprocess"] == (False, ("output(s) missing: funnel",))
+    assert list(run(copy_of).timings) == ["postprocess", "report"]
+
+
+def test_changed_objects_csv_redoes_everything(copy_of, small_dataset, tmp_path):
+    csv = tmp_path / "objects.csv"
+    shutil.copy(small_dataset.objects_csv, csv)
+    moved = with_values(copy_of, input={"objects_csv": str(csv)})
+    assert "input.objects_csv changed" in verdicts(moved)["ingest"][1][0]
+    run(moved)
+    assert all(up for up, _ in verdicts(moved).values())
+    with csv.open("a") as handle:  # same path, one more (bad) row
+        handle.write("x,u,r,[0,0,1,1],t,0.5,0,img\n")
+    assert verdicts(moved)["ingest"] == (False, ("the contents of input.objects_csv changed",))
+
+
+def test_force_recomputes_every_stage(copy_of):
+    catalog = Catalog.from_config(copy_of.output)
+    before = {name: catalog.read_marker(name)["finished_at"] for name in STAGE_NAMES}
+    result = run(copy_of, force=True)
+    assert list(result.timings) == list(STAGE_NAMES) and not result.skipped
+    after = {name: catalog.read_marker(name)["finished_at"] for name in STAGE_NAMES}
+    assert all(after[name] > before[name] for name in STAGE_NAMES)
+
+
+def test_nothing_is_created_before_the_inputs_check_out(small_dataset, tmp_path):
+    out = tmp_path / "out"
+    cfg = config_for(small_dataset, out, input={"objects_csv": str(tmp_path / "missing.csv")})
+    with pytest.raises(MissingInputError, match=str(tmp_path / "missing.csv")):
+        run(cfg)
+    assert not out.exists()
