@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from . import sinks, store
 from .config import Config, OutputConfig
@@ -121,6 +123,12 @@ class Catalog:
         """``(n_rows, dim, chunk_rows)`` of the ingested store."""
         attrs = store.open_store(self.store).attrs
         return int(attrs["n_rows"]), int(attrs["dim"]), int(attrs["chunk_rows"])
+
+    def objects_schema(self) -> pa.Schema:
+        """The objects table's Arrow schema (with the input CSV's extra columns)."""
+        fs, path = store.filesystem(store.join(self.objects, "part-00000.parquet"))
+        with fs.open(path, "rb") as handle:
+            return pq.read_schema(handle)
 
     # ------------------------------------------------------------------ ingest summary
 

@@ -115,8 +115,10 @@ def postprocess_stage(context: StageContext, postprocess: PostprocessConfig) -> 
         attach_status, codes, meta=attach_status(assignments._meta, np.zeros(0, np.int8))
     )
     metadata = {**context.metadata, "n_clusters": n_clusters}
+    table_schema = schema.with_extra_fields(schema.ASSIGNMENTS_SCHEMA, catalog.objects_schema())
+    extra = table_schema.names[len(schema.ASSIGNMENTS_SCHEMA) :]  # the CSV's extra columns
     sinks.write_parquet_dataset(
-        labelled, catalog.postprocessed, schema.ASSIGNMENTS_SCHEMA, metadata,
+        labelled, catalog.postprocessed, table_schema, metadata,
         compute=lambda graph: ex.compute(graph, desc="postprocessed table"),
     )  # fmt: skip
     kept = sinks.read_parquet(
@@ -125,7 +127,7 @@ def postprocess_stage(context: StageContext, postprocess: PostprocessConfig) -> 
     kept = kept.sort_values(["cluster", "sim", schema.OBJECT_ID], ascending=[True, False, True])
     sinks.write_csv(kept, catalog.clusters_csv, schema.OUTPUT_CSV_FIELDS, schema.CLUSTERS_SCHEMA)
     sinks.write_parquet(
-        kept[[*schema.CLUSTERS_SCHEMA.names, schema.OBJECT_ID, schema.SOURCE_ROW]],
+        kept[[*schema.CLUSTERS_SCHEMA.names, schema.OBJECT_ID, schema.SOURCE_ROW, *extra]],
         catalog.clusters_parquet, schema.CLUSTERS_SCHEMA, metadata,
     )  # fmt: skip
     del kept

@@ -82,10 +82,13 @@ def predict_stage(context: StageContext) -> None:
     catalog = context.catalog
     centres = catalog.read_centres()
     assignments = assign_clusters(catalog.store, catalog.objects, centres)
+    without_status = schema.ASSIGNMENTS_SCHEMA.remove(
+        schema.ASSIGNMENTS_SCHEMA.get_field_index(schema.STATUS)
+    )
     sinks.write_parquet_dataset(
         assignments,
         catalog.assignments,
-        schema.ASSIGNMENTS_SCHEMA.remove(schema.ASSIGNMENTS_SCHEMA.get_field_index(schema.STATUS)),
+        schema.with_extra_fields(without_status, catalog.objects_schema()),
         {**context.metadata, "n_clusters": len(centres)},
         compute=lambda graph: context.executor.compute(graph, desc="predict"),
     )

@@ -73,6 +73,21 @@ ASSIGNMENTS_SCHEMA = (
     .append(pa.field(STATUS, pa.string(), nullable=False))
 )
 
+
+def with_extra_fields(base: pa.Schema, source: pa.Schema) -> pa.Schema:
+    """``base`` followed by the fields of ``source`` it lacks: the input CSV's extra
+    columns, carried through every table after the objects table.
+
+    >>> with_extra_fields(pa.schema([("a", pa.int64())]),
+    ...                   pa.schema([("a", pa.int64()), ("raw_tag", pa.string())])).names
+    ['a', 'raw_tag']
+    """
+    for f in source:
+        if f.name not in base.names:
+            base = base.append(f)
+    return base
+
+
 CLUSTERS_SCHEMA = pa.schema(
     [
         pa.field("batch_folder", pa.string()),

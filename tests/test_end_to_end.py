@@ -124,3 +124,16 @@ def test_distributed_local_cluster_equals_threads(small_dataset, tmp_path, finis
     second = run(cfg)
     assert digest(first.catalog.clusters_csv) == digest(second.catalog.clusters_csv)
     np.testing.assert_array_equal(first.catalog.read_centres(), second.catalog.read_centres())
+
+
+def test_extra_csv_columns_are_carried_to_every_table(finished_run, small_dataset):
+    # raw_tag is an extra column of the input CSV: every table after ingest carries it,
+    # row for row (source_row indexes the CSV's data rows); the CSV output does not.
+    _, result = finished_run
+    source = pd.read_csv(small_dataset.objects_csv, dtype=str)["raw_tag"]
+    cat = result.catalog
+    for url in (cat.objects, cat.assignments, cat.postprocessed, cat.clusters_parquet):
+        table = sinks.read_parquet(url, columns=["source_row", "raw_tag"])
+        assert len(table) > 0
+        assert table["raw_tag"].tolist() == source.iloc[table["source_row"]].tolist()
+    assert "raw_tag" not in pd.read_csv(cat.clusters_csv, nrows=1).columns
