@@ -137,3 +137,45 @@ def test_extra_csv_columns_are_carried_to_every_table(finished_run, small_datase
         assert len(table) > 0
         assert table["raw_tag"].tolist() == source.iloc[table["source_row"]].tolist()
     assert "raw_tag" not in pd.read_csv(cat.clusters_csv, nrows=1).columns
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "processes"])
+def test_every_scheduler_kind_gives_the_same_bytes(
+    small_dataset, tmp_path, finished_run, scheduler
+):
+    _, first = finished_run
+    cfg = config_for(small_dataset, tmp_path / scheduler, executor={"scheduler": scheduler})
+    second = run(cfg)
+    assert digest(first.catalog.clusters_csv) == digest(second.catalog.clusters_csv)
+    np.testing.assert_array_equal(first.catalog.read_centres(), second.catalog.read_centres())
+
+
+def test_another_seed_changes_the_shuffle_and_the_fit(small_dataset, tmp_path, finished_run):
+    _, first = finished_run
+    second = run(config_for(small_dataset, tmp_path / "seed1", train={"seed": 1}))
+    ids = [zarr.open_group(r.catalog.store, mode="r")["object_ids"][:] for r in (first, second)]
+    assert sorted(ids[0]) == sorted(ids[1]) and not np.array_equal(ids[0], ids[1])
+    assert not np.array_equal(first.catalog.read_centres(), second.catalog.read_centres())
+    # ... while ingest.shuffle_seed pins the store order whatever the fit's seed.
+    pinned = [
+        run(config_for(small_dataset, tmp_path / f"pin{s}", ingest={"shuffle_seed": 5},
+                       train={"seed": s}))
+        for s in (0, 1)
+    ]  # fmt: skip
+    a, b = (zarr.open_group(r.catalog.store, mode="r")["object_ids"][:] for r in pinned)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_auto_n_clusters_is_rows_over_target_size(small_dataset, tmp_path):
+    cfg = config_for(small_dataset, tmp_path / "auto",
+                     train={"n_clusters": "auto", "target_cluster_size": 80})  # fmt: skip
+    result = run(cfg, ("ingest", "train"))
+    assert result.catalog.read_centres().shape == (round(2000 / 80), 32)
+
+
+def test_output_csv_is_sorted_by_cluster_then_descending_similarity(finished_run):
+    _, result = finished_run
+    csv = pd.read_csv(result.catalog.clusters_csv)
+    parquet = sinks.read_parquet(result.catalog.clusters_parquet)
+    keys = list(zip(csv["cluster"], -csv["sim"], parquet["object_id"], strict=True))
+    assert keys == sorted(keys)

@@ -94,6 +94,37 @@ def test_selection_filters_rows_into_rejects(small_dataset, tmp_path):
     assert set(rejects["reason"]) == {"not_selected:tag", "not_selected:score"}
 
 
+def test_exclude_tags_removes_exactly_those_tags(small_dataset, tmp_path):
+    csv = pd.read_csv(small_dataset.objects_csv)
+    excluded = sorted(csv["tag"].unique())[-2:]
+    cfg = config_for(small_dataset, tmp_path / "out", select={"exclude_tags": excluded},
+                     train={"n_clusters": 5})  # fmt: skip
+    result, paths = ingest_into(cfg)
+    expected = csv[~csv["tag"].isin(excluded)]
+    assert sorted(sinks.read_parquet(paths.objects)["source_row"]) == expected.index.tolist()
+    rejects = sinks.read_parquet(paths.rejects)
+    assert set(rejects["reason"]) == {"not_selected:tag"}
+    assert sorted(rejects["source_row"]) == csv.index[csv["tag"].isin(excluded)].tolist()
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("[1, 2, 3, 4]", True),
+        ("[1, 2, 1, 2]", True),  # a zero-size box is still a box
+        ("[1, 4, 3, 2]", False),  # y1 > y2
+        ("[3, 2, 1, 4]", False),  # x1 > x2
+        ("[1, 2, 3]", False),
+        ("[1, 2, 3, NaN]", False),
+        ('["a", 2, 3, 4]', False),
+        ("[true, 2, 3, 4]", False),
+    ],
+)
+def test_bbox_rule_by_hand(text, ok):
+    assert valid_bboxes(pd.Series([text])).tolist() == [ok]
+    assert _is_bbox(text) is ok
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(
     st.lists(st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True)),

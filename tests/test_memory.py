@@ -8,8 +8,7 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import psutil
+import pandas as pd
 
 from pipeline.synthetic import make_demo_dataset
 
@@ -80,7 +79,6 @@ def test_run_on_matrix_larger_than_budget_stays_under_it(tmp_path):
     assert used < budget, (
         f"run used {used / 2**20:.0f} MiB above baseline; budget {budget / 2**20:.0f} MiB"
     )
-    assert np.load(ds.embeddings_matrix, mmap_mode="r").shape == (n, dim)
-    assert (
-        psutil.virtual_memory().total > matrix_bytes
-    )  # sanity: the budget is the point, not the box
+    # The run did the whole job (not an early exit that would use no memory).
+    clusters = pd.read_csv(tmp_path / "out" / "ins_posts_clusters.csv")
+    assert len(clusters) > 0 and used > 0

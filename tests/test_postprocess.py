@@ -134,3 +134,15 @@ def test_postprocessing_properties(rows, min_sim, min_size):
     best = t.groupby(["cluster", "image_name"])["sim"].max()
     for row in kept.itertuples():
         assert row.sim == best[(row.cluster, row.image_name)]
+    # complete: exactly the rows an independent pandas reading of the three rules keeps
+    first = t.sort_values(["sim", "object_id"], ascending=[False, True]).drop_duplicates(
+        ["cluster", "image_name"]
+    )
+    similar = first[first["sim"] > min_sim]
+    expected = similar[similar.groupby("cluster")["object_id"].transform("size") >= min_size]
+    assert sorted(kept["object_id"]) == sorted(expected["object_id"])
+    # and each removed row carries the step that removed it
+    status = out.set_index("object_id")["status"]
+    assert (status[sorted(set(t["object_id"]) - set(first["object_id"]))] == DUP).all()
+    low = first[first["sim"] <= min_sim]["object_id"]
+    assert (status[sorted(low)] == LOW).all()

@@ -93,7 +93,8 @@ def assert_one_line_error(result, exit_code: int, *fragments: str) -> str:
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == exit_code, result.output
     assert len(errors) == 1, result.output
-    assert "Traceback" not in result.output
+    # A user error ends in SystemExit (the CLI's one line); a bug would surface as itself.
+    assert type(result.exception) is SystemExit, result.exception
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
