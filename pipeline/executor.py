@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -46,6 +46,19 @@ class Executor:
     n_cores: int
     client: Any = None
     progress: bool = False
+    #: Task-state transitions each worker processed (distributed only), read when the
+    #: executor closes: evidence of where the work ran.
+    worker_transitions: dict[str, int] = field(default_factory=dict)
+
+    def record_worker_activity(self) -> None:
+        if self.client is None:
+            return
+        try:
+            self.worker_transitions = self.client.run(
+                lambda dask_worker: dask_worker.state.transition_counter
+            )
+        except Exception as exc:  # a lost worker must not fail a finished run
+            log.warning("could not read worker activity: %s", exc)
 
     def compute(self, *objects: Any, desc: str = "") -> Any:
         """Compute dask collections on this executor; returns one result per object."""
@@ -136,15 +149,19 @@ def open_executor(
             )
             if verbose:
                 print(f"dask dashboard: {client.dashboard_link}", flush=True)
-            yield Executor(
+            ex = Executor(
                 kind="local-cluster", n_cores=workers.n_cores, client=client, progress=progress
             )
+            yield ex
+            ex.record_worker_activity()
         return
     client = _connect(scheduler, cfg.connect_timeout_s)
     try:
         if verbose:
             print(f"dask dashboard: {client.dashboard_link}", flush=True)
         cores = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values()) or 1
-        yield Executor(kind="distributed", n_cores=cores, client=client, progress=progress)
+        ex = Executor(kind="distributed", n_cores=cores, client=client, progress=progress)
+        yield ex
+        ex.record_worker_activity()
     finally:
         client.close()

@@ -46,10 +46,10 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     funnel: pd.DataFrame | None = None
-
-    @property
-    def paths(self) -> Catalog:  # the name earlier versions used
-        return self.catalog
+    #: Where the dask work ran: the executor kind and, on a distributed cluster, the
+    #: task transitions each worker processed.
+    executor_kind: str = ""
+    worker_transitions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -322,6 +322,7 @@ def run(
                     "seconds": result.timings[name],
                 },
             )
+    result.executor_kind, result.worker_transitions = ex.kind, ex.worker_transitions
     return result
 
 

@@ -122,6 +122,11 @@ def test_distributed_local_cluster_equals_threads(small_dataset, tmp_path, finis
     cfg = config_for(small_dataset, tmp_path / "cluster",
                      executor={"scheduler": "local-cluster", "n_workers": 2, "threads_per_worker": 1})  # fmt: skip
     second = run(cfg)
+    # The work really ran on two worker processes ...
+    assert second.executor_kind == "local-cluster"
+    assert len(second.worker_transitions) == 2
+    assert all(n > 0 for n in second.worker_transitions.values())
+    # ... and gave the same bytes as the threaded run.
     assert digest(first.catalog.clusters_csv) == digest(second.catalog.clusters_csv)
     np.testing.assert_array_equal(first.catalog.read_centres(), second.catalog.read_centres())
 
