@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
-from .errors import ConfigError, MissingInputError
+from .errors import ConfigError, MissingInputError, clip
 
 
 class _Section(BaseModel):
@@ -167,8 +167,23 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             lines.append(f"{source}: unknown key '{key}'. Remove it or check its spelling.")
         else:
             detail = " or ".join(dict.fromkeys(messages))
-            lines.append(f"{source}: key '{key}': {detail}. Got {values.get(key)!r}.")
+            lines.append(
+                f"{source}: key '{key}': {detail}. Got {clip(repr(values.get(key)), 200)}."
+            )
     return "\n".join(lines)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors' aliases: a config or groups file never
+    needs them, and nested aliases expand exponentially (a "billion laughs" file)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed; write the value out", mark
+            )
+        return super().compose_node(parent, index)
 
 
 def read_yaml_mapping(
@@ -179,7 +194,7 @@ def read_yaml_mapping(
     Raises ``error`` with one line naming ``source`` for bad YAML or another top level.
     """
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # noqa: S506
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise error(f"{source}: not valid YAML ({first}).") from None
@@ -200,7 +215,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"Override {text!r} must look like section.key=value.")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = yaml.load(raw, Loader=_NoAliasLoader) if raw else None  # noqa: S506
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value

@@ -49,3 +49,12 @@ def must_be(what: str, expected: str, got: object, fix: str = "") -> str:
     """
     message = f"{what} must be {expected}. Got {got!r} instead."
     return f"{message} {fix}".strip()
+
+
+def clip(text: str, limit: int = 60) -> str:
+    """Shorten a bad value for a one-line message.
+
+    >>> clip("x" * 100, 10)
+    'xxxxxxx...'
+    """
+    return text if len(text) <= limit else text[: limit - 3] + "..."

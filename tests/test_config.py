@@ -103,3 +103,23 @@ def test_random_bytes_give_only_clean_errors(tmp_path_factory, payload):
         load_config(path)
     except ConfigError as exc:
         assert str(exc)
+
+
+def test_yaml_aliases_are_refused_fast(tmp_path):
+    # A "billion laughs" file: nine levels of nine aliases would expand to 9**9 items.
+    lines = ['a0: &a0 ["x"]'] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)
+    ]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="aliases") as err:
+        load_config(path)
+    assert len(str(err.value)) < 300 and "\n" not in str(err.value)
+
+
+def test_a_huge_bad_value_is_clipped_in_the_message(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  n_clusters: " + "x" * 100_000 + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert len(str(err.value)) < 600

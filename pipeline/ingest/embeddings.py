@@ -21,8 +21,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..config import InputConfig
-from ..errors import InputError, MissingInputError, must_be
-from .objects import clip
+from ..errors import InputError, MissingInputError, clip, must_be
 
 FILES_PER_TASK = 64
 _DIM_SAMPLE_FILES = 200  # files whose width votes for the dimension

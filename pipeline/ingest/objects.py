@@ -19,7 +19,7 @@ import pyarrow.csv as pacsv
 
 from .. import schema
 from ..config import SelectConfig
-from ..errors import InputError, MissingInputError, must_be
+from ..errors import InputError, MissingInputError, clip, must_be
 
 #: Columns the pipeline adds to its tables: an input column of that name would clash.
 RESERVED_COLUMNS = (
@@ -31,15 +31,6 @@ RESERVED_COLUMNS = (
 _OBJECT_KEY = ["username", "image_name", "idx"]
 _MAX_IDX = 2**53  # larger values do not survive the float parse exactly
 _BBOX_RULE = "a JSON list [x1, y1, x2, y2] of finite numbers with x1 <= x2 and y1 <= y2"
-
-
-def clip(text: str, limit: int = 60) -> str:
-    """Shorten a bad value for a one-line message.
-
-    >>> clip("x" * 100, 10)
-    'xxxxxxx...'
-    """
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parse_problem(path: Path, exc: pa.ArrowException) -> str:
