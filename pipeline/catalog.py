@@ -8,6 +8,7 @@ data catalog: no other module builds an output path. Bulk data goes through
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,6 @@ class Catalog:
 
     root: str
     staging: str
-    memmap: str
     store: str
     objects: str
     rejects: str
@@ -55,15 +55,16 @@ class Catalog:
         """The layout of ``output.dir`` (accepts the whole config for convenience)."""
         output = output.output if isinstance(output, Config) else output
         root = store.parse_location(output.dir).rstrip("/")
-        staging = output.staging_dir or (
+        shared = output.staging_dir or (
             store.join(root, "_staging") if store.is_local(root) else str(Path("work", "staging"))
         )
+        # A folder per output folder, so runs sharing staging_dir never share files.
+        staging = store.join(shared, hashlib.sha256(root.encode()).hexdigest()[:12])
         stem = Path(output.csv_name).stem
         at = lambda name: store.join(root, name)  # noqa: E731
         return cls(
             root=root,
             staging=staging,
-            memmap=store.join(staging, "embeddings.f32"),
             store=at("embeddings.zarr"),
             objects=at("objects.parquet"),
             rejects=at("rejects.parquet"),
@@ -85,6 +86,19 @@ class Catalog:
     @property
     def report_index(self) -> str:
         return store.join(self.report, "index.html")
+
+    def owned_names(self) -> tuple[str, ...]:
+        """Names of the entries this package writes directly in the output folder."""
+        prefix = self.root.rstrip("/") + "/"
+        return tuple(
+            value[len(prefix) :].split("/", 1)[0]
+            for value in self.__dict__.values()
+            if isinstance(value, str) and value.startswith(prefix)
+        )
+
+    def memmap(self, run_id: str) -> str:
+        """The ingest's staging memmap of run ``run_id`` (private to the run)."""
+        return store.join(self.staging, f"embeddings-{run_id}.f32")
 
     # ------------------------------------------------------------------ existence
 

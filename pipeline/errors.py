@@ -37,6 +37,10 @@ class StageOrderError(PipelineError, RuntimeError):
     """A stage was asked to run before the stage it depends on completed."""
 
 
+class OutputBusyError(PipelineError, RuntimeError):
+    """Another run holds the output folder."""
+
+
 class SchedulerError(PipelineError, ConnectionError):
     """The dask scheduler cannot be reached or started."""
 

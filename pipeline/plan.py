@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +79,7 @@ class RunPlan:
 
     stages: tuple[str, ...]
     catalog: Catalog
+    run_id: str
     scheduler: str
     workers: WorkerPlan
     blas_threads: int
@@ -85,7 +88,7 @@ class RunPlan:
 
     def __repr__(self) -> str:
         lines = [
-            f"RunPlan(scheduler={self.scheduler!r}, workers={self.workers.n_workers}, "
+            f"RunPlan(run_id={self.run_id!r}, scheduler={self.scheduler!r}, workers={self.workers.n_workers}, "
             f"threads_per_worker={self.workers.threads_per_worker}, "
             f"blas_threads={self.blas_threads}, shuffle_seed={self.shuffle_seed}, "
             f"chunk_rows={self.chunk_rows})",
@@ -133,6 +136,11 @@ class TrainPlan:
         )
 
 
+def new_run_id() -> str:
+    """A run's identity: start time and a random suffix (temporaries and markers carry it)."""
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
 def plan_run(cfg: Config, stages: tuple[str, ...] = STAGE_NAMES) -> RunPlan:
     """Build the run plan: which stages, in which order, writing where, with what."""
     unknown = [s for s in stages if s not in STAGE_NAMES]
@@ -140,9 +148,11 @@ def plan_run(cfg: Config, stages: tuple[str, ...] = STAGE_NAMES) -> RunPlan:
         raise ConfigError(must_be("Stage names", f"among {list(STAGE_NAMES)}", unknown))
     if cfg.train.n_clusters != "auto":
         check_chunk_rows(cfg.ingest.chunk_rows, cfg.train.n_clusters)
+        check_batch_size(cfg.train.batch_size, cfg.train.n_clusters)
     return RunPlan(
         stages=tuple(s for s in STAGE_NAMES if s in stages),
         catalog=Catalog.from_config(cfg.output),
+        run_id=new_run_id(),
         scheduler=cfg.executor.scheduler,
         workers=plan_workers(cfg.executor),
         blas_threads=cfg.train.blas_threads or local_cores(),
@@ -161,6 +171,20 @@ def check_chunk_rows(chunk_rows: int, n_clusters: int) -> None:
                 f">= train.n_clusters ({n_clusters}) so each mini-batch can cover every centre",
                 chunk_rows,
                 "Raise ingest.chunk_rows or lower train.n_clusters.",
+            )
+        )
+
+
+def check_batch_size(batch_size: int, n_clusters: int) -> None:
+    """A mini-batch must hold at least one row per centre (scikit-learn's first
+    ``partial_fit`` call needs ``n_clusters`` rows)."""
+    if batch_size < n_clusters:
+        raise ConfigError(
+            must_be(
+                "train.batch_size",
+                f">= train.n_clusters ({n_clusters}) so each mini-batch can cover every centre",
+                batch_size,
+                "Raise train.batch_size or lower train.n_clusters.",
             )
         )
 
@@ -201,12 +225,16 @@ def plan_training(
         )
     chunk_rows = effective_chunk_rows(chunk_rows, n_rows)
     check_chunk_rows(chunk_rows, k)
+    check_batch_size(train.batch_size, k)
     batch_size = min(train.batch_size, chunk_rows)
     init_size = train.init_size or 32 * k
     init_size = min(max(init_size, k), n_rows)
     n_blocks = math.ceil(n_rows / chunk_rows)
     rng = np.random.default_rng(train.seed)
-    orders = tuple(tuple(int(b) for b in rng.permutation(n_blocks)) for _ in range(train.epochs))
+    orders = [[int(b) for b in rng.permutation(n_blocks)] for _ in range(train.epochs)]
+    if n_blocks > 1 and n_rows - (n_blocks - 1) * chunk_rows < k and orders[0][0] == n_blocks - 1:
+        # The first partial_fit call needs >= k rows: never start on a short last block.
+        orders[0][0], orders[0][1] = orders[0][1], orders[0][0]
     return TrainPlan(
         n_rows=n_rows,
         dim=dim,
@@ -218,7 +246,7 @@ def plan_training(
         refine_iterations=train.refine_iterations,
         seed=train.seed,
         blas_threads=blas_threads,
-        block_orders=orders,
+        block_orders=tuple(tuple(order) for order in orders),
     )
 
 

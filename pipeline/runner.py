@@ -28,6 +28,7 @@ from .config import Config
 from .context import StageContext
 from .errors import MissingInputError, PipelineError, StageOrderError
 from .executor import open_executor, timed
+from .lock import output_lock
 from .plan import RunPlan, effective_n_clusters, estimate_resources, plan_run, plan_training
 from .stages import BY_NAME, STAGE_NAMES, STAGES, Stage, downstream_of
 
@@ -274,17 +275,26 @@ def run(
     """
     plan = plan or plan_run(cfg, stages)
     catalog = plan.catalog
-    result = RunResult(catalog=catalog)
     if "ingest" in plan.stages:
         check_inputs(cfg)
+    store.check_writable(catalog.root, "output.dir")
+    with output_lock(catalog.root, plan.run_id):
+        return _run_locked(cfg, plan, force, verbose)
+
+
+def _run_locked(cfg: Config, plan: RunPlan, force: bool, verbose: bool) -> RunResult:
+    """The body of :func:`run`, with the output folder held by this run."""
+    catalog = plan.catalog
+    result = RunResult(catalog=catalog)
     statuses = stage_statuses(cfg, plan)
     if plan.stages != STAGE_NAMES:
         check_upstream(statuses, plan.stages)
-    store.check_writable(catalog.root, "output.dir")
     if "ingest" in plan.stages:
         store.check_writable(catalog.staging, "output.staging_dir")
-    store.remove_stale_temporaries(catalog.root)
-    store.remove_stale_temporaries(catalog.markers)
+        # Staging files of this output folder left by killed runs (we hold its lock).
+        store.remove_stale_temporaries(catalog.staging, ("embeddings",), suffix=".f32")
+    store.remove_stale_temporaries(catalog.root, catalog.owned_names())
+    store.remove_stale_temporaries(catalog.markers, tuple(f"{name}.json" for name in STAGE_NAMES))
     metadata = run_metadata(cfg)
     upstream_key = None
     with open_executor(cfg.executor, plan.workers, verbose) as ex:
@@ -318,6 +328,7 @@ def run(
                     "stage": name,
                     "key": key,
                     "record": record,
+                    "run_id": plan.run_id,
                     "finished_at": time.time(),
                     "seconds": result.timings[name],
                 },

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -76,24 +78,27 @@ def write_parquet_dataset(
     url: str,
     schema: pa.Schema,
     run_metadata: dict[str, Any] | None = None,
-    compute: bool = True,
-) -> Any:
+    compute: Callable[[Any], Any] | None = None,
+) -> None:
     """Write a dask frame as a folder of Parquet parts, one per partition, in parallel.
 
-    The workers write their own parts, so on a cluster ``url`` must be shared storage.
+    ``compute`` runs the lazy write (e.g. the executor's, with its progress bar); the
+    default is ``dask.compute``. The parts go to a temporary folder moved into place once
+    all are written. The workers write their own parts, so on a cluster ``url`` must be
+    shared storage.
     """
     schema = _with_metadata(schema, run_metadata)
     with atomic_path(url) as tmp:
-        result = frame.to_parquet(
+        graph = frame.to_parquet(
             tmp,
             schema=schema,
             write_index=False,
             compression="zstd",
-            compute=compute,
+            compute=False,
             write_metadata_file=False,
             name_function=lambda i: f"part-{i:05d}.parquet",
         )
-    return result
+        (compute or dask.compute)(graph)
 
 
 def read_parquet(

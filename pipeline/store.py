@@ -14,6 +14,7 @@ mini-batches need no random access, and predict streams the store sequentially.
 from __future__ import annotations
 
 import math
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -93,13 +94,21 @@ def atomic_path(url: str) -> Iterator[str]:
         fs.mv(tmp_path, path, recursive=fs.isdir(tmp_path))
 
 
-def remove_stale_temporaries(url: str) -> None:
-    """Delete ``*.tmp-*`` leftovers of killed runs under the output folder."""
+def remove_stale_temporaries(url: str, owned: tuple[str, ...], suffix: str = "") -> None:
+    """Delete leftovers of killed runs in ``url``: only names this package makes, i.e. an
+    ``owned`` name followed by ``.tmp-<id>`` (or ``-<run id><suffix>`` for staging files).
+    Anything else in the folder is the user's and stays. Call it holding the output lock.
+    """
     fs, path = filesystem(url)
     if not fs.exists(path):
         return
+    names = "|".join(re.escape(name) for name in owned)
+    run_file = r"-[0-9T]{15}-[0-9a-f]{6}" + re.escape(suffix)
+    pattern = re.compile(
+        rf"^(?:{names})(?:\.tmp-[0-9a-f]{{8}}|{run_file})$|^\.tmp-probe-[0-9a-f]{{8}}$"
+    )
     for entry in fs.ls(path, detail=False):
-        if ".tmp-" in entry.rsplit("/", 1)[-1]:
+        if pattern.match(entry.rstrip("/").rsplit("/", 1)[-1]):
             fs.rm(entry, recursive=True)
 
 

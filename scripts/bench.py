@@ -234,6 +234,7 @@ def prepare_data(args) -> Path:
             Catalog.from_config(cfg),
             progress=True,
         )
+        os.replace(result.memmap, data / "embeddings.f32")
         shutil.rmtree(data / "_ingest")
         (data / "memmap.json").write_text(json.dumps({"rows": result.n_rows, "dim": result.dim}))
     return data

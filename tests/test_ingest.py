@@ -34,7 +34,7 @@ def test_round_trip_every_row_equals_its_input_vector(request, tmp_path, fixture
     expected = load_vectors(dataset, objects)
     np.testing.assert_array_equal(vectors, expected)
     # The staging memmap holds the same vectors in CSV order.
-    memmap = np.memmap(paths.memmap, dtype=np.float32, mode="r").reshape(-1, dataset.dim)
+    memmap = np.memmap(result.memmap, dtype=np.float32, mode="r").reshape(-1, dataset.dim)
     np.testing.assert_array_equal(memmap[ids], expected)
     csv = read_objects_csv(str(dataset.objects_csv))
     by_id = objects.sort_values("object_id")

@@ -110,3 +110,78 @@ def test_kmeans_plusplus_on_any_data(sample):
     centres = kernels.kmeans_plusplus(sample, k, seed=0)
     assert centres.shape == (k, sample.shape[1])
     assert np.isfinite(centres).all()
+
+
+# ----------------------------------------------------------------------------- production shape
+
+PROD_DIM, PROD_K, PROD_CHUNK = 1792, 600, 8192  # the demo's width, default k and chunk_rows
+
+
+def production_block(n_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows around k centres with a shared positive offset (as ReLU-style embeddings have),
+    which makes ``|c|^2 - 2 x.c`` cancel heavily: the float32 path's hard case."""
+    rng = np.random.default_rng(seed)
+    centres = (rng.standard_normal((PROD_K, PROD_DIM)) + 2.0).astype(np.float32)
+    members = rng.integers(PROD_K, size=n_rows)
+    x = centres[members] + rng.standard_normal((n_rows, PROD_DIM)).astype(np.float32) * 0.8
+    return x.astype(np.float32), centres
+
+
+def float64_oracle(x: np.ndarray, c: np.ndarray):
+    """Squared distances to every centre in float64, by the direct difference for the
+    assigned centre (no cancellation): labels, margins, dist and cosine."""
+    x64, c64 = x.astype(np.float64), c.astype(np.float64)
+    sq = (x64**2).sum(1)[:, None] - 2.0 * x64 @ c64.T + (c64**2).sum(1)[None]
+    order = np.argsort(sq, axis=1)[:, :2]
+    labels = order[:, 0]
+    rows = np.arange(len(x))
+    margin = sq[rows, order[:, 1]] - sq[rows, labels]
+    diff = x64 - c64[labels]
+    dist = np.sqrt((diff**2).sum(1))
+    cos = (x64 * c64[labels]).sum(1) / (
+        np.linalg.norm(x64, axis=1) * np.linalg.norm(c64[labels], axis=1)
+    )
+    return labels, margin, dist, cos, sq
+
+
+@pytest.mark.parametrize("n_rows", [PROD_CHUNK, PROD_CHUNK + 517], ids=["full", "ragged"])
+def test_assign_block_production_shape_matches_float64(n_rows):
+    x, c = production_block(n_rows, seed=n_rows)
+    out = kernels.assign_block(x, c, kernels.row_sq_norms(c))
+    labels, margin, dist, cos, sq = float64_oracle(x, c)
+    assert out.shape == (n_rows,) and out.dtype == kernels.ASSIGNMENT_DTYPE
+    # Labels agree wherever the two nearest centres are not a float32 near-tie; at a
+    # near-tie ours must still pick a centre whose distance is the minimum up to round-off.
+    clear = margin > 1e-3 * sq[np.arange(n_rows), labels]
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(out["cluster"][clear], labels[clear])
+    ours = sq[np.arange(n_rows), out["cluster"]]
+    np.testing.assert_allclose(ours, sq.min(axis=1), rtol=1e-4)
+    # dist and sim are those of the assigned centre, to float32 round-off.
+    same = out["cluster"] == labels
+    np.testing.assert_allclose(out["dist"][same], dist[same], rtol=1e-5)
+    np.testing.assert_allclose(out["sim"][same], cos[same], rtol=0, atol=2e-6)
+    # The rows past the last full 1,024-row slice are filled too (no stale values).
+    assert np.isfinite(out["dist"]).all() and (out["dist"] > 0).all()
+    np.testing.assert_array_equal(out, kernels.assign_block(x, c))  # norms given or not
+
+
+def test_cluster_sums_production_shape_matches_numpy():
+    n_rows = PROD_CHUNK + 517
+    x, c = production_block(n_rows, seed=3)
+    far = c[:3] + 100.0  # three centres no row is nearest to: empty clusters
+    c = np.concatenate([c[:400], far, c[400:]])
+    sums, counts, inertia = kernels.cluster_sums(x, c, kernels.row_sq_norms(c))
+    labels, margin, _, _, sq = float64_oracle(x, c)
+    assert (margin > 1e-3 * sq[np.arange(n_rows), labels]).all()  # no near-ties: exact labels
+    k = len(c)
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=k))
+    assert (counts[400:403] == 0).all() and (sums[400:403] == 0).all()
+    assert counts.sum() == n_rows and sums.dtype == np.float64 and sums.shape == (k, PROD_DIM)
+    order = np.argsort(labels, kind="stable")
+    expected = np.zeros((k, PROD_DIM))
+    filled = np.flatnonzero(counts)
+    starts = np.searchsorted(labels[order], filled)
+    expected[filled] = np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
+    np.testing.assert_allclose(sums, expected, rtol=1e-5, atol=1e-3)
+    assert inertia == pytest.approx(sq.min(axis=1).sum(), rel=1e-5)

@@ -299,6 +299,7 @@ def set_key(section: str, key: str, value):
 
 def more_clusters_than_objects(data):
     data["train"]["n_clusters"] = 5000
+    data["train"]["batch_size"] = 8192
     data["ingest"]["chunk_rows"] = 8192
 
 
@@ -607,13 +608,13 @@ def test_kill_in_each_stage_then_rerun_equals_an_undisturbed_run(
         assert not (out / main_output).exists(), f"killed in {stage}"
         assert temporaries(out), f"killed in {stage}"
         if stage == "ingest":
-            memmap = out / "_staging" / "embeddings.f32"
-            assert memmap.exists()
+            (memmap,) = (out / "_staging").rglob("embeddings-*.f32")  # the killed run's
             with open(memmap, "r+b") as handle:  # as if killed while it was being filled
                 handle.truncate(memmap.stat().st_size // 3)
         done.append(stage)
     run_child(forkserver, args)
     assert temporaries(out) == []
+    assert not list((out / "_staging").rglob("*.f32"))  # the killed run's memmap is gone
     assert_same_final_outputs(Catalog.from_config(config_for(base_dataset, out)), clean_run)
 
     # A rerun with a new threshold killed in postprocess: the old report no longer counts.

@@ -52,6 +52,8 @@ class IngestResult:
     dim: int
     chunk_rows: int
     rejected: dict[str, int]
+    #: The staging memmap (CSV order); deleted after the mirror unless ingest.keep_memmap.
+    memmap: str
 
     @property
     def n_rejected(self) -> int:
@@ -90,12 +92,14 @@ def ingest_objects(
     catalog: Catalog,
     metadata: dict | None = None,
     progress: bool = False,
+    run_id: str = "direct",
 ) -> IngestResult:
     """Run the ingest and return its counts (outputs are written where ``catalog`` says).
 
-    .. warning:: The staging memmap (``catalog.memmap``) takes ``rows x dim x 4`` bytes of
-       local disk until the Zarr mirror is written.
+    .. warning:: The staging memmap (``catalog.memmap(run_id)``) takes ``rows x dim x 4``
+       bytes of local disk until the Zarr mirror is written.
     """
+    memmap_path = catalog.memmap(run_id)
     csv_path = input.objects_csv
     raw = read_objects_csv(csv_path)
     n_input_rows = len(raw)
@@ -125,7 +129,7 @@ def ingest_objects(
         files = FileGroups(candidates, input)
         dim = settings.dim or infer_dim(files)
 
-    memmap = open_memmap(catalog.memmap, len(candidates), dim)
+    memmap = open_memmap(memmap_path, len(candidates), dim)
     if input.embeddings_matrix:
         emb_reasons, emb_details = fill_memmap_from_matrix(candidates, matrix, memmap, progress)
     else:
@@ -165,7 +169,7 @@ def ingest_objects(
     )
     del memmap
     if not settings.keep_memmap:
-        Path(catalog.memmap).unlink(missing_ok=True)
+        Path(memmap_path).unlink(missing_ok=True)
     sinks.write_parquet(rejects, catalog.rejects, schema.REJECTS_SCHEMA)
     result = IngestResult(
         n_input_rows=n_input_rows,
@@ -173,10 +177,12 @@ def ingest_objects(
         dim=dim,
         chunk_rows=chunk_rows,
         rejected={k: int(v) for k, v in rejects["reason"].value_counts().sort_index().items()},
+        memmap=memmap_path,
     )
-    catalog.write_ingest_summary(
-        {**result.__dict__, "n_rejected": result.n_rejected, "memmap": catalog.memmap}
-    )
+    summary = {**result.__dict__, "n_rejected": result.n_rejected}
+    if not settings.keep_memmap:  # a deleted file's run-specific name is not worth keeping
+        summary.pop("memmap")
+    catalog.write_ingest_summary(summary)
     return result
 
 
@@ -186,5 +192,5 @@ def ingest_stage(
     """The ingest stage, as the runner calls it."""
     return ingest_objects(
         input, select, ingest, context.plan.shuffle_seed, context.catalog, context.metadata,
-        progress=context.executor.progress,
+        progress=context.executor.progress, run_id=context.plan.run_id,
     )  # fmt: skip
