@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from . import sinks, store
 from .config import Config, OutputConfig
-from .errors import StageOrderError
+from .errors import ConfigError, StageOrderError
 
 #: Reviewer's groups outputs (see :mod:`pipeline.groups`).
 GROUPS_CSV_NAME = "ins_posts_groups.csv"
@@ -86,6 +86,31 @@ class Catalog:
     @property
     def report_index(self) -> str:
         return store.join(self.report, "index.html")
+
+    def check_layout(self, inputs: dict[str, str | None]) -> None:
+        """Every output has its own path, and none is an input (``{config key: path}``).
+
+        Raises :class:`ConfigError` naming the clash, e.g. ``output.csv_name`` equal to the
+        input CSV or to another output's name.
+        """
+        seen: dict[str, str] = {}
+        for name, value in self.__dict__.items():
+            if name in ("root", "staging"):
+                continue
+            if value in seen:
+                raise ConfigError(
+                    f"output.csv_name makes '{name}' and '{seen[value]}' the same file "
+                    f"({value}). Choose another output.csv_name."
+                )
+            seen[value] = name
+        for key, path in inputs.items():
+            if path and store.is_local(self.root):
+                resolved = str(Path(path).absolute())
+                if resolved in seen:
+                    raise ConfigError(
+                        f"{key} ({resolved}) is also an output ({seen[resolved]}): the run "
+                        "would overwrite its own input. Choose another output.dir or csv_name."
+                    )
 
     def owned_names(self) -> tuple[str, ...]:
         """Names of the entries this package writes directly in the output folder."""

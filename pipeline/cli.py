@@ -92,6 +92,10 @@ def _run_stages(
         result = run(cfg, stages, force=force, plan=plan, verbose=not quiet)
     except PipelineError as exc:
         _fail(exc)
+    except KeyboardInterrupt:  # outside a stage (a stage's own is an InterruptedRunError)
+        from .errors import InterruptedRunError
+
+        _fail(InterruptedRunError("Interrupted before any stage ran; nothing changed."))
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     skipped = f"; skipped (up to date): {', '.join(result.skipped)}" if result.skipped else ""
     typer.echo(f"done: {timings or 'nothing to do'}{skipped}. Outputs in {result.catalog.root}")

@@ -96,6 +96,16 @@ class OutputConfig(_Section):
     staging_dir: str | None = None
     csv_name: str = "ins_posts_clusters.csv"
 
+    @field_validator("csv_name")
+    @classmethod
+    def _plain_csv_name(cls, value: str) -> str:
+        if (
+            "/" in value or "\\" in value or "\0" in value
+            or value.startswith(".") or not value.endswith(".csv") or len(value) <= 4
+        ):  # fmt: skip
+            raise ValueError("must be a plain file name ending in .csv (no folders)")
+        return value
+
 
 class ReportConfig(_Section):
     """The summary tables and the HTML review report."""

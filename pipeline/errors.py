@@ -37,6 +37,12 @@ class StageOrderError(PipelineError, RuntimeError):
     """A stage was asked to run before the stage it depends on completed."""
 
 
+class InterruptedRunError(PipelineError, KeyboardInterrupt):
+    """The user stopped the run (Ctrl-C); completed stages are kept."""
+
+    exit_code = 130
+
+
 class OutputBusyError(PipelineError, RuntimeError):
     """Another run holds the output folder."""
 

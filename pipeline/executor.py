@@ -31,11 +31,14 @@ def timed(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
-    finally:
-        elapsed = time.perf_counter() - start
-        if timings is not None:
-            timings[name] = elapsed
-        log.info("%s: finished in %.2f s", name, elapsed)
+    except BaseException as exc:
+        log.info("%s: stopped after %.2f s (%s)", name, time.perf_counter() - start,
+                 type(exc).__name__)  # fmt: skip
+        raise
+    elapsed = time.perf_counter() - start
+    if timings is not None:
+        timings[name] = elapsed
+    log.info("%s: finished in %.2f s", name, elapsed)
 
 
 @dataclass

@@ -149,9 +149,17 @@ def plan_run(cfg: Config, stages: tuple[str, ...] = STAGE_NAMES) -> RunPlan:
     if cfg.train.n_clusters != "auto":
         check_chunk_rows(cfg.ingest.chunk_rows, cfg.train.n_clusters)
         check_batch_size(cfg.train.batch_size, cfg.train.n_clusters)
+    catalog = Catalog.from_config(cfg.output)
+    catalog.check_layout(
+        {
+            "input.objects_csv": cfg.input.objects_csv,
+            "input.embeddings_matrix": cfg.input.embeddings_matrix,
+            "report.groups_file": cfg.report.groups_file,
+        }
+    )
     return RunPlan(
         stages=tuple(s for s in STAGE_NAMES if s in stages),
-        catalog=Catalog.from_config(cfg.output),
+        catalog=catalog,
         run_id=new_run_id(),
         scheduler=cfg.executor.scheduler,
         workers=plan_workers(cfg.executor),

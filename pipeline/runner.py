@@ -10,11 +10,15 @@ its marker and those after it are cleared, so a killed run leaves nothing marked
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,13 @@ from . import store
 from .catalog import Catalog, run_metadata
 from .config import Config
 from .context import StageContext
-from .errors import MissingInputError, PipelineError, StageOrderError
+from .errors import (
+    InterruptedRunError,
+    MissingInputError,
+    OutputError,
+    PipelineError,
+    StageOrderError,
+)
 from .executor import open_executor, timed
 from .lock import output_lock
 from .plan import RunPlan, effective_n_clusters, estimate_resources, plan_run, plan_training
@@ -282,6 +292,34 @@ def run(
         return _run_locked(cfg, plan, force, verbose)
 
 
+#: Errors of a full disk or a file-size limit: reported in one line, not as a traceback.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@contextmanager
+def _one_line_faults(stage: str) -> Iterator[None]:
+    """Turn Ctrl-C and a full disk inside a stage into one-line errors naming the stage.
+
+    Nothing is lost either way: the stage's outputs were being written to temporaries and
+    its marker was cleared, so a rerun redoes it and keeps what completed before.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise InterruptedRunError(
+            f"Interrupted during {stage}; completed stages are kept. Rerun to continue."
+        ) from None
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise OutputError(
+            f"No space left while running {stage}{where}: {exc.strerror}. Free space on the "
+            "output (or staging) disk, or choose another output.dir / output.staging_dir, "
+            "then rerun to continue."
+        ) from None
+
+
 def _run_locked(cfg: Config, plan: RunPlan, force: bool, verbose: bool) -> RunResult:
     """The body of :func:`run`, with the output folder held by this run."""
     catalog = plan.catalog
@@ -291,6 +329,8 @@ def _run_locked(cfg: Config, plan: RunPlan, force: bool, verbose: bool) -> RunRe
         check_upstream(statuses, plan.stages)
     if "ingest" in plan.stages:
         store.check_writable(catalog.staging, "output.staging_dir")
+        if force or not statuses["ingest"].up_to_date:
+            check_free_space(cfg, plan)
         # Staging files of this output folder left by killed runs (we hold its lock).
         store.remove_stale_temporaries(catalog.staging, ("embeddings",), suffix=".f32")
     store.remove_stale_temporaries(catalog.root, catalog.owned_names())
@@ -318,7 +358,7 @@ def _run_locked(cfg: Config, plan: RunPlan, force: bool, verbose: bool) -> RunRe
             for later in downstream_of(name):
                 catalog.clear_marker(later)
             sections = {section: getattr(cfg, section) for section in stage.reads}
-            with timed(name, result.timings):
+            with timed(name, result.timings), _one_line_faults(name):
                 out = stage.load()(context, **sections)
             if name == "postprocess":
                 result.funnel = out
@@ -358,6 +398,27 @@ def input_shape(cfg: Config, catalog: Catalog) -> tuple[int, int, str]:
         except Exception:  # any unreadable file: the estimate says so instead of failing
             dim = 0
     return n_rows, dim, "the input CSV (rows before rejects)"
+
+
+def check_free_space(cfg: Config, plan: RunPlan) -> None:
+    """Before ingest, the staging memmap and the store must fit on their disks (estimated
+    from the CSV's rows and the dimension), so a full disk is found before the work."""
+    n_rows, dim, _ = input_shape(cfg, plan.catalog)
+    vectors = n_rows * dim * 4
+    need: dict[int, int] = {}  # bytes per device: staging and output may share one
+    for key, folder in (("output.staging_dir", plan.catalog.staging),
+                        ("output.dir", plan.catalog.root)):  # fmt: skip
+        if not store.is_local(folder):
+            continue
+        device = os.stat(folder).st_dev
+        need[device] = need.get(device, 0) + vectors
+        free = shutil.disk_usage(folder).free
+        if free < need[device]:
+            raise OutputError(
+                f"{key} {folder} has {_mib(free)} free; the ingest of {n_rows:,} x {dim} "
+                f"vectors needs about {_mib(need[device])} there (staging memmap and store). "
+                f"Free space or choose another {key}."
+            )
 
 
 def _mib(n: int) -> str:

@@ -180,3 +180,36 @@ def test_run_metadata():
     assert Config.model_validate(meta["config"]) == cfg  # the config is complete
     assert "scikit-learn" in meta["versions"]
     json.dumps(meta)  # JSON-ready
+
+
+@pytest.mark.parametrize(
+    ("csv_name", "message"),
+    [
+        ("../../x.csv", "plain file name"),
+        ("sub/x.csv", "plain file name"),
+        ("embeddings.zarr", "plain file name"),  # not .csv
+        ("cluster_summary.csv", "'cluster_summary' and 'clusters_parquet' the same file"),
+        ("funnel.csv", "the same file"),
+    ],
+)
+def test_csv_name_must_be_a_plain_unreserved_name(tmp_path, csv_name, message):
+    from pydantic import ValidationError
+
+    from pipeline.errors import ConfigError
+    from pipeline.plan import plan_run
+
+    with pytest.raises((ConfigError, ValidationError), match=message):
+        cfg = Config.model_validate({"output": {"dir": str(tmp_path), "csv_name": csv_name}})
+        plan_run(cfg)
+
+
+def test_no_output_may_overwrite_an_input(tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.plan import plan_run
+
+    cfg = Config.model_validate(
+        {"input": {"objects_csv": str(tmp_path / "input.csv")},
+         "output": {"dir": str(tmp_path), "csv_name": "input.csv"}}
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="would overwrite its own input"):
+        plan_run(cfg)

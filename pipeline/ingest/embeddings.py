@@ -337,5 +337,18 @@ def fill_memmap_from_matrix(
 
 
 def open_memmap(path: str, n_rows: int, dim: int) -> np.memmap:
+    """A new ``(n_rows, dim)`` float32 memmap whose disk blocks are allocated up front.
+
+    A sparse file would be backed only as pages are written, and a full disk would then
+    kill the process with SIGBUS mid-write; allocating first turns that into an ``OSError``
+    (ENOSPC) before any work, which the runner reports in one line.
+    """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return np.memmap(path, dtype=np.float32, mode="w+", shape=(max(n_rows, 1), dim))
+    shape = (max(n_rows, 1), dim)
+    with open(path, "wb") as handle:
+        nbytes = shape[0] * shape[1] * 4
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(handle.fileno(), 0, nbytes)
+        else:  # pragma: no cover - macOS/Windows: extend only (sparse where supported)
+            handle.truncate(nbytes)
+    return np.memmap(path, dtype=np.float32, mode="r+", shape=shape)
