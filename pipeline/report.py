@@ -18,6 +18,7 @@ box and size are unchanged is reused from the previous report instead of being r
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import html
 import json
@@ -25,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -266,6 +268,7 @@ class ThumbStats:
     missing_images: int = 0
     bad_boxes: int = 0
     unreadable: int = 0
+    outside_root: int = 0
     first_missing: str = ""
 
 
@@ -280,6 +283,8 @@ def _open_source(source: str):
     """A source image's identity stamp (path, size, mtime) and an open binary handle."""
     if "://" not in source:  # plain local path: skip fsspec, this runs once per image
         st = os.stat(source)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the decoder for ever
+            raise OSError(f"{source} is not a regular file")
         return f"{source}|{st.st_size}|{st.st_mtime_ns}", open(source, "rb")  # noqa: SIM115
     fs, path = store.filesystem(source)
     info = fs.info(path)
@@ -309,6 +314,10 @@ def _thumbs_of_images(
             stats.missing_images += len(items)
             stats.first_missing = stats.first_missing or source
             continue
+        except OSError:  # not a regular file
+            stats.unreadable += len(items)
+            stats.first_missing = stats.first_missing or source
+            continue
         done: dict[int, Thumb] = {}
         try:
             with handle, Image.open(handle) as image:
@@ -333,7 +342,9 @@ def _thumbs_of_images(
                     crop = crop_thumbnail(image, box, (thumb.width, thumb.height))
                     crop.save(out_dir / thumb.name, "JPEG", quality=88, subsampling=0)
                     stats.made += 1
-        except (UnidentifiedImageError, OSError, ValueError):
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise  # writing the thumbnail failed: a full disk, not a bad image
             stats.unreadable += len(items)
             stats.first_missing = stats.first_missing or source
             continue
@@ -383,11 +394,14 @@ def make_thumbnails(
         return {}, stats
     unique = samples.drop_duplicates(schema.OBJECT_ID)
     by_image: dict[str, list[tuple[int, str]]] = {}
+    real_root = os.path.realpath(root) if store.is_local(cfg.images_root) else None
     try:
         for row in unique.to_dict("records"):
-            by_image.setdefault(image_path(cfg, row), []).append(
-                (int(row[schema.OBJECT_ID]), row["bbox"])
-            )
+            source = image_path(cfg, row)
+            if real_root is not None and not store.resolves_inside(source, real_root):
+                stats.outside_root += 1  # a name with '..' or a link out: never opened
+                continue
+            by_image.setdefault(source, []).append((int(row[schema.OBJECT_ID]), row["bbox"]))
     except (KeyError, IndexError, ValueError) as exc:
         log.warning(
             "report: input.image_template %r cannot be filled from an object's fields %s (%s); "
@@ -410,13 +424,14 @@ def make_thumbnails(
             stats.bad_boxes += part_stats.bad_boxes
             stats.unreadable += part_stats.unreadable
             stats.first_missing = stats.first_missing or part_stats.first_missing
-    lost = stats.missing_images + stats.unreadable + stats.bad_boxes
+    lost = stats.missing_images + stats.unreadable + stats.bad_boxes + stats.outside_root
     if lost:
         log.warning(
             "report: %d of %d samples have no crop (%d missing images, %d unreadable, %d boxes "
-            "outside their image; first: %s); they are shown as metadata cards.",
+            "outside their image, %d paths outside input.images_root; first: %s); they are "
+            "shown as metadata cards.",
             lost, len(unique), stats.missing_images, stats.unreadable, stats.bad_boxes,
-            stats.first_missing or "-",
+            stats.outside_root, stats.first_missing or "-",
         )  # fmt: skip
     return thumbs, stats
 

@@ -144,6 +144,8 @@ REJECT_REASONS: dict[str, str] = {
     "duplicate_object": "csv",
     "not_selected:tag": "selection",
     "not_selected:score": "selection",
+    "path_outside_root": "embedding",
+    "not_a_regular_file": "embedding",
     "missing_user_folder": "embedding",
     "missing_embedding_file": "embedding",
     "corrupt_embedding_file": "embedding",

@@ -13,8 +13,12 @@ mini-batches need no random access, and predict streams the store sequentially.
 
 from __future__ import annotations
 
+import errno
+import functools
 import math
+import os
 import re
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -268,3 +272,60 @@ def mirror_to_store(
             ids_array[start:stop] = ids
 
         run_chunks(write_chunk, math.ceil(n_rows / chunk_rows), "ingest: write zarr", progress)
+
+
+# --------------------------------------------------------------------------- input files
+
+
+class PathOutsideRoot(ValueError):
+    """An embedding path that resolves (after ``..`` and symlinks) outside the root."""
+
+
+class NotRegularFile(ValueError):
+    """A FIFO, device, socket or folder where an embedding file should be."""
+
+
+@functools.lru_cache(maxsize=65536)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def resolves_inside(path: str, root: str) -> bool:
+    """Whether local ``path`` resolves (``..`` and links) inside the resolved ``root``,
+    with one ``realpath`` per folder (cached) and one only for a path that is a link."""
+    if not _inside(_real_folder(os.path.dirname(os.path.abspath(path))), root):
+        return False
+    return not os.path.islink(path) or _inside(os.path.realpath(path), root)
+
+
+def read_inside(path: str, root: str) -> bytes:
+    """The bytes of the regular file ``path``, which must resolve inside ``root``.
+
+    Checked without a ``realpath`` per file (ingest opens one file per image): the folder
+    is resolved once per folder (cached), the file is opened with ``O_NOFOLLOW`` (a link
+    is resolved and checked only when there is one) and ``O_NONBLOCK`` (a FIFO never
+    blocks), and ``fstat`` says whether it is a regular file.
+
+    Raises :class:`PathOutsideRoot`, :class:`NotRegularFile` or ``OSError``.
+    """
+    if not _inside(_real_folder(os.path.dirname(path)), root):
+        raise PathOutsideRoot(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        target = os.path.realpath(path)  # the last component is a link
+        if not _inside(target, root):
+            raise PathOutsideRoot(path) from None
+        fd = os.open(target, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularFile(path)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()

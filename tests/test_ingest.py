@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -8,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import sinks
+from pipeline.config import Config
 from pipeline.ingest.objects import _is_bbox, read_objects_csv, valid_bboxes
 from tests.conftest import config_for, ingest_only, load_vectors
 
@@ -133,3 +135,90 @@ def test_bbox_rule_by_hand(text, ok):
 ))  # fmt: skip
 def test_vectorised_bbox_check_agrees_with_the_json_parser(text):
     assert valid_bboxes(pd.Series([text])).tolist() == [_is_bbox(text)]
+
+
+# --------------------------------------------------------------------------- containment
+
+
+def hostile_dataset(tmp_path):
+    """A hand-built input whose rows name files outside the root (through every template
+    field and through a link), a FIFO, a folder and a dangling link, next to good rows."""
+    root = tmp_path / "emb"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    rng = np.random.default_rng(0)
+    vectors = {}
+
+    def save(path, n=2):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vectors[str(path)] = rng.normal(size=(n, 8)).astype(np.float32)
+        np.save(path, vectors[str(path)])
+
+    rows = []
+    for i in range(12):  # good rows: the run needs something to cluster
+        save(root / "b" / f"u{i}" / "r" / f"img{i}.npy")
+        rows += [("b", f"u{i}", "r", f"img{i}", 0), ("b", f"u{i}", "r", f"img{i}", 1)]
+    save(outside / "secret.npy")
+    save(root / "b" / "u0" / "r" / "inside_target.npy")
+    (root / "b" / "u0" / "r" / "link_in.npy").symlink_to(
+        root / "b" / "u0" / "r" / "inside_target.npy"
+    )
+    (root / "b" / "u0" / "r" / "link_out.npy").symlink_to(outside / "secret.npy")
+    (root / "b" / "u0" / "r" / "dangling.npy").symlink_to(root / "b" / "u0" / "r" / "gone.npy")
+    os.mkfifo(root / "b" / "u0" / "r" / "fifo.npy")
+    (root / "b" / "u0" / "r" / "folder.npy").mkdir()
+    (root / "b" / "evil").symlink_to(outside, target_is_directory=True)
+    hostile = {
+        "traversal in image_name": (
+            "b",
+            "u0",
+            "r",
+            "../../../../outside/secret",
+            "path_outside_root",
+        ),
+        "traversal in username": ("b", "../../outside", ".", "secret", "path_outside_root"),
+        "traversal in batch_folder": ("..", "outside", ".", "secret", "path_outside_root"),
+        "traversal in res_name": ("b", "u0", "../../../outside", "secret", "path_outside_root"),
+        # joined under the root as text, an absolute value stays inside it (and is missing)
+        "absolute image_name": ("b", "u0", "r", str(outside / "secret"), "missing_embedding_file"),
+        "link to outside": ("b", "u0", "r", "link_out", "path_outside_root"),
+        "folder link to outside": ("b", "evil", ".", "secret", "path_outside_root"),
+        "fifo": ("b", "u0", "r", "fifo", "not_a_regular_file"),
+        "folder": ("b", "u0", "r", "folder", "not_a_regular_file"),
+        "dangling link": ("b", "u0", "r", "dangling", "missing_embedding_file"),
+        "link inside the root": ("b", "u0", "r", "link_in", ""),
+    }
+    for batch, user, res, image, _ in hostile.values():
+        rows.append((batch, user, res, image, 0))
+    frame = pd.DataFrame(
+        rows, columns=["batch_folder", "username", "res_name", "image_name", "idx"]
+    )
+    frame["bbox"] = "[0, 0, 1, 1]"
+    frame["tag"] = "t"
+    frame["score"] = 0.9
+    csv = tmp_path / "objects.csv"
+    frame.to_csv(csv, index=False)
+    return csv, root, hostile, vectors, outside
+
+
+def test_paths_stay_inside_the_root_and_only_regular_files_are_read(tmp_path):
+    csv, root, hostile, vectors, outside = hostile_dataset(tmp_path)
+    cfg = Config.model_validate({
+        "input": {"objects_csv": str(csv), "embeddings_root": str(root),
+                  "embeddings_template": "{batch_folder}/{username}/{res_name}/{image_name}.npy"},
+        "ingest": {"chunk_rows": 64}, "train": {"n_clusters": 2, "batch_size": 64},
+        "output": {"dir": str(tmp_path / "out")}, "executor": {"progress": False},
+    })  # fmt: skip
+    result, catalog = ingest_only(cfg)  # returns at once: a FIFO never blocks the read
+    rejects = sinks.read_parquet(catalog.rejects).set_index(["username", "image_name"])
+    n_good = 24
+    for name, (_, user, _, image, reason) in hostile.items():
+        if reason:
+            assert rejects.loc[(user, image), "reason"] == reason, name
+            assert len(rejects.loc[(user, image), "detail"]) < 400, name
+        else:
+            assert (user, image) not in rejects.index, name
+    assert result.n_rows == n_good + 1  # the good rows and the link that stays inside
+    stored = zarr.open_group(catalog.store, mode="r")["vectors"][:]
+    secret = vectors[str(outside / "secret.npy")]
+    assert not any((stored == row).all(axis=1).any() for row in secret)  # nothing leaked

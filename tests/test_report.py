@@ -4,6 +4,7 @@ and it works in a real headless browser (Debian's chromium, driven over DevTools
 from __future__ import annotations
 
 import json
+import os
 import logging
 import shutil
 import subprocess
@@ -462,3 +463,27 @@ def test_cluster_pages_load_cleanly_in_the_browser(report_run, browser):
         browser.load(page.as_uri())
         assert browser.evaluate(IMAGES_OK) == [], page.name
     assert browser.errors() == []
+
+
+def test_images_outside_images_root_are_never_read(tmp_path):
+    from pipeline.config import InputConfig
+
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    (images / "u").mkdir(parents=True)
+    outside.mkdir()
+    gradient_image(64, 64).save(images / "u" / "ok.jpg")
+    gradient_image(64, 64).save(outside / "secret.jpg")
+    (images / "u" / "link.jpg").symlink_to(outside / "secret.jpg")
+    os.mkfifo(images / "u" / "fifo.jpg")
+    samples = pd.DataFrame(
+        {
+            schema.OBJECT_ID: [0, 1, 2, 3],
+            "username": ["u", "u", "u", "u"],
+            "image_name": ["ok", "../../outside/secret", "link", "fifo"],
+            "bbox": ["[0, 0, 32, 32]"] * 4,
+        }
+    )
+    cfg = InputConfig(images_root=str(images), image_template="{username}/{image_name}.jpg")
+    thumbs, stats = report.make_thumbnails(samples, cfg, 32, tmp_path / "thumbs", n_workers=1)
+    assert set(thumbs) == {0}  # the FIFO did not block; nothing outside was opened
+    assert stats.outside_root == 2 and stats.unreadable + stats.missing_images == 1
