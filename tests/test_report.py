@@ -4,8 +4,8 @@ and it works in a real headless browser (Debian's chromium, driven over DevTools
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import shutil
 import subprocess
 import time
