@@ -278,6 +278,49 @@ def quality(data: Path, out: Path, k: int) -> dict:
     }
 
 
+def reviewer_table(
+    labels: np.ndarray, sims: np.ndarray, truth: np.ndarray, image_names: np.ndarray, k: int,
+    dedupe_key: str | None = "image_name", min_similarity: float = 0.7, min_cluster_size: int = 10,
+) -> dict:
+    """What the reviewer keeps: the write-up's post-processing
+    (:func:`pipeline.postprocess.label_rows`) applied to one method's assignment (rows in
+    CSV order), scored against the generator's truth.
+
+    - rows kept, kept clusters;
+    - purity of kept clusters: the share of kept rows whose true group is their cluster's
+      majority group (outliers, true group -1, never count as pure);
+    - true groups leading a kept cluster: distinct true groups that are the majority of at
+      least one kept cluster (groups the reviewer can find);
+    - clusters with <= 2 members (of all k centres, before post-processing).
+    """
+    import pandas as pd
+
+    from pipeline.postprocess import label_rows
+
+    frame = pd.DataFrame({"object_id": np.arange(len(labels)), "cluster": labels,
+                          "sim": sims.astype(np.float32), "image_name": image_names})  # fmt: skip
+    out = label_rows(frame, dedupe_key, min_similarity, min_cluster_size)
+    kept = out[out["status"] == "kept"]
+    kept_truth = truth[kept["object_id"].to_numpy()]
+    pure = 0
+    leaders = set()
+    for cluster, groups in pd.Series(kept_truth).groupby(kept["cluster"].to_numpy()):
+        real = groups[groups >= 0]
+        if len(real) == 0:
+            continue
+        counts = real.value_counts()
+        pure += int(counts.iloc[0])
+        leaders.add(int(counts.index[0]))
+    sizes = np.bincount(labels, minlength=k)
+    return {
+        "kept_rows": len(kept),
+        "kept_clusters": int(kept["cluster"].nunique()),
+        "purity": pure / max(1, len(kept)),
+        "groups_led": len(leaders),
+        "small_clusters": int((sizes <= 2).sum()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
