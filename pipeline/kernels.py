@@ -325,17 +325,22 @@ def reseed_from_block(
     n_new: int,
     rng: np.random.Generator,
     min_captured: int = 3,
-    trials: int = 16,
+    candidates_per_centre: int = 2,
+    neighbours: int = 8,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """New unit centres placed where they help the block's rows most (greedy k-means++).
+    """New unit centres placed where they help the block's rows most (greedy, batched).
 
-    For each new centre, ``trials`` candidate rows are drawn with probability proportional
-    to ``1 - cos`` to their current centre (the D^2 weight of the cosine metric: the
-    worst-served rows); the candidate whose addition raises the rows' cosines the most in
-    total wins, and the new centre is the normalised mean of the rows it captures (those
-    now closer to it than to their centre). A lone outlier captures only itself, so it
-    loses to a candidate inside a group of badly served look-alikes. Stops early when the
-    best candidate captures fewer than ``min_captured`` rows.
+    ``candidates_per_centre x n_new`` (at least 16) candidate rows are drawn with
+    probability proportional to ``1 - cos`` to their current centre (the D^2 weight of the
+    cosine metric: the worst-served rows). Each candidate is denoised into a centre: the
+    normalised mean of its ``neighbours`` most similar rows of the block. Then, greedily,
+    the candidate centre that raises the rows' cosines the most in total is taken, the
+    rows it captures (now closer to it than to their centre) are credited to it, and the
+    gains of the others are recomputed; the new centre is the normalised mean of its
+    captured rows. A lone outlier has no close neighbours and captures only itself, so it
+    loses to a group of badly served look-alikes. Stops early when the best candidate
+    captures fewer than ``min_captured`` rows. Costs two matrix products of the candidates
+    against the block.
 
     Parameters
     ----------
@@ -349,26 +354,35 @@ def reseed_from_block(
     """
     current = np.asarray(sims, dtype=np.float32).copy()
     n = len(block)
+    empty = np.empty((0, block.shape[1]), np.float32), np.empty(0, np.int64)
+    weight = np.maximum(1.0 - current, 0.0).astype(np.float64)
+    cumulative = np.cumsum(weight)
+    if n_new <= 0 or n == 0 or cumulative[-1] <= 0:
+        return empty
+    n_candidates = min(n, max(16, candidates_per_centre * n_new))
+    candidates = np.minimum(
+        np.searchsorted(cumulative, rng.random(n_candidates) * cumulative[-1]), n - 1
+    )
+    cos = block[candidates] @ block.T
+    q = min(neighbours, n)
+    nearest = np.argpartition(-cos, q - 1, axis=1)[:, :q]
+    proposals = normalize_rows(block[nearest].sum(axis=1))
+    cos = proposals @ block.T
     found: list[np.ndarray] = []
     captured: list[int] = []
+    available = np.ones(len(proposals), dtype=bool)
     for _ in range(n_new):
-        weight = np.maximum(1.0 - current, 0.0).astype(np.float64)
-        cumulative = np.cumsum(weight)
-        if n == 0 or cumulative[-1] <= 0:
-            break
-        candidates = np.minimum(
-            np.searchsorted(cumulative, rng.random(trials) * cumulative[-1]), n - 1
-        )
-        cos = block[candidates] @ block.T
         gains = np.maximum(cos - current[None, :], 0.0).sum(axis=1, dtype=np.float64)
+        gains[~available] = -1.0
         best = int(np.argmax(gains))
         members = cos[best] > current
-        if int(members.sum()) < min_captured:
+        if gains[best] <= 0 or int(members.sum()) < min_captured:
             break
+        available[best] = False
         centre = normalize_rows(block[members].sum(axis=0, dtype=np.float64)[None, :])[0]
-        current = np.maximum(current, block @ centre)
+        current = np.maximum(current, np.maximum(cos[best], block @ centre))
         found.append(centre)
         captured.append(int(members.sum()))
     if not found:
-        return np.empty((0, block.shape[1]), np.float32), np.empty(0, np.int64)
+        return empty
     return np.stack(found).astype(np.float32), np.array(captured, dtype=np.int64)
