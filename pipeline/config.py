@@ -70,7 +70,7 @@ class TrainConfig(_Section):
     """Mini-batch k-means over the shuffled store: Euclidean (``MiniBatchKMeans.partial_fit``)
     or spherical (``metric: cosine``, rows and centres on the unit sphere)."""
 
-    metric: Literal["euclidean", "cosine"] = "euclidean"
+    metric: Literal["euclidean", "cosine"] = "cosine"
     n_clusters: PositiveInt | Literal["auto"] = 600
     target_cluster_size: PositiveInt = 100
     batch_size: PositiveInt = 8192
