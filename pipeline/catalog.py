@@ -202,6 +202,15 @@ class Catalog:
         with fs.open(f"{path}/centers.npy", "rb") as handle:
             return np.load(handle)
 
+    def read_metric(self) -> str:
+        """The metric the model was fitted in (``model.json``; models saved before the
+        key existed are Euclidean)."""
+        fs, path = store.filesystem(self.model)
+        if not fs.exists(f"{path}/model.json"):
+            return "euclidean"
+        with fs.open(f"{path}/model.json", "r") as handle:
+            return json.load(handle).get("metric", "euclidean")
+
 
 def run_metadata(cfg: Config, extra: dict | None = None) -> dict[str, Any]:
     """What goes into every Parquet file's metadata: config, seed, package versions."""

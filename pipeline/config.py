@@ -67,8 +67,10 @@ class IngestConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """MiniBatchKMeans fitted with ``partial_fit`` over the shuffled store."""
+    """Mini-batch k-means over the shuffled store: Euclidean (``MiniBatchKMeans.partial_fit``)
+    or spherical (``metric: cosine``, rows and centres on the unit sphere)."""
 
+    metric: Literal["euclidean", "cosine"] = "cosine"
     n_clusters: PositiveInt | Literal["auto"] = 600
     target_cluster_size: PositiveInt = 100
     batch_size: PositiveInt = 8192
@@ -77,6 +79,8 @@ class TrainConfig(_Section):
     init_projection_dim: PositiveInt | None = 256
     refine_iterations: Annotated[int, Field(ge=0)] = 0
     reassignment_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    reseed_min_members: Annotated[int, Field(ge=0)] = 2
+    sink_split: bool = True
     seed: int = 0
     blas_threads: PositiveInt | None = None
 

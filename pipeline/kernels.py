@@ -208,3 +208,190 @@ def kmeans_plusplus(
         principal_projection(centred, projection_dim, seed), n_clusters, seed
     )
     return centred[chosen] + mean
+
+
+# --------------------------------------------------------------------------- cosine metric
+# Spherical k-means: rows and centres live on the unit sphere, a row belongs to the centre
+# of largest cosine, and a centre is the normalised mean of its members. On unit vectors
+# ``|x - c|^2 = 2 - 2 cos(x, c)``, so this is k-means on normalised rows, and the
+# k-means++ "D^2" weight of a row is proportional to ``1 - cos``.
+
+
+def normalize_rows(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows scaled to unit L2 norm (a zero row stays zero), float32.
+
+    Pass ``out=x`` to normalise a float32 block in place (no copy of the block).
+
+    >>> normalize_rows(np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32))
+    array([[0.6, 0.8],
+           [0. , 0. ]], dtype=float32)
+    """
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.sqrt(row_sq_norms(x))
+    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return np.multiply(x, scale[:, None], out=out)
+
+
+def cosine_dist(sim: np.ndarray) -> np.ndarray:
+    """The ``dist`` of the cosine metric: the Euclidean distance between the unit row and
+    the unit centre, ``sqrt(2 - 2 cos)`` (0 for the same direction, 2 for opposite).
+
+    >>> cosine_dist(np.array([1.0, 0.0, -1.0], dtype=np.float32)).tolist()
+    [0.0, 1.4142135381698608, 2.0]
+    """
+    return np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0)).astype(np.float32)
+
+
+def best_cosine(block: np.ndarray, unit_centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre of largest dot product with each row and that dot product (one GEMM).
+
+    For unit ``block`` rows the dot product is the cosine; for raw rows it is the cosine
+    times the row norm, which has the same argmax. Ties go to the lowest index.
+    """
+    scores = block @ unit_centres.T
+    labels = np.argmax(scores, axis=1)
+    return labels.astype(np.int32), scores[np.arange(len(block)), labels]
+
+
+def assign_block_cosine(block: np.ndarray, unit_centres: np.ndarray) -> np.ndarray:
+    """Cluster of largest cosine, ``dist = sqrt(2 - 2 sim)`` and cosine ``sim``.
+
+    One matrix product of the raw block against the unit centres; dividing the best dot
+    product by the row norm gives the cosine, so the block is never copied. A zero row
+    gets ``sim = 0`` (and cluster 0).
+
+    >>> c = np.array([[1, 0], [0, 1]], dtype=np.float32)
+    >>> r = assign_block_cosine(np.array([[0, 3]], dtype=np.float32), c)
+    >>> int(r["cluster"][0]), float(r["dist"][0]), float(r["sim"][0])
+    (1, 0.0, 1.0)
+    """
+    block = np.asarray(block, dtype=np.float32)
+    unit_centres = np.asarray(unit_centres, dtype=np.float32)
+    labels, dots = best_cosine(block, unit_centres)
+    norms = np.sqrt(row_sq_norms(block))
+    sim = np.clip(np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0), -1.0, 1.0)
+    out = np.empty(len(block), dtype=ASSIGNMENT_DTYPE)
+    out["cluster"] = labels
+    out["sim"] = sim
+    out["dist"] = cosine_dist(sim)
+    return out
+
+
+def spherical_minibatch_step(
+    batch: np.ndarray, centres: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One spherical mini-batch k-means update on unit rows (pure: inputs are not changed).
+
+    Each row goes to the centre of largest cosine; a centre with members moves to the
+    count-weighted mean of its past position and its new members,
+    ``(N_j c_j + sum_j) / (N_j + n_j)`` (scikit-learn's mini-batch rule), and is then
+    renormalised to unit length. ``N_j`` (``counts``) accumulates members over the fit.
+
+    Parameters
+    ----------
+    batch : ndarray of shape (n_rows, n_features), float32, unit rows
+    centres : ndarray of shape (n_clusters, n_features), float32, unit rows
+    counts : ndarray of shape (n_clusters,), float64
+
+    Returns
+    -------
+    centres, counts : the updated model
+    labels : int32 (n_rows,), the centre each row was assigned to (before the update)
+    sims : float32 (n_rows,), the cosine to that centre
+    """
+    k = len(centres)
+    labels, sims = best_cosine(batch, centres)
+    n = len(batch)
+    onehot = sp.csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n))
+    sums = np.asarray(onehot @ batch, dtype=np.float64)
+    members = np.bincount(labels, minlength=k).astype(np.float64)
+    hit = members > 0
+    new_counts = counts + members
+    new_centres = centres.copy()
+    moved = (centres[hit] * counts[hit, None] + sums[hit]) / new_counts[hit, None]
+    new_centres[hit] = normalize_rows(moved.astype(np.float32))
+    return new_centres, new_counts, labels, sims
+
+
+def spherical_cluster_sums(
+    block: np.ndarray, unit_centres: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """One spherical Lloyd step's statistics for a block of unit rows: per-cluster sums
+    (float64), member counts and the sum of cosines to the assigned centre. Summing over
+    blocks and normalising the sums gives the full-batch spherical k-means update."""
+    k = len(unit_centres)
+    labels, sims = best_cosine(block, unit_centres)
+    n = len(block)
+    onehot = sp.csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n))
+    sums = np.asarray(onehot @ block, dtype=np.float64)
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    return sums, counts, float(sims.sum(dtype=np.float64))
+
+
+def reseed_from_block(
+    block: np.ndarray,
+    sims: np.ndarray,
+    n_new: int,
+    rng: np.random.Generator,
+    min_captured: int = 3,
+    candidates_per_centre: int = 2,
+    neighbours: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """New unit centres placed where they help the block's rows most (greedy, batched).
+
+    ``candidates_per_centre x n_new`` (at least 16) candidate rows are drawn with
+    probability proportional to ``1 - cos`` to their current centre (the D^2 weight of the
+    cosine metric: the worst-served rows). Each candidate is denoised into a centre: the
+    normalised mean of its ``neighbours`` most similar rows of the block. Then, greedily,
+    the candidate centre that raises the rows' cosines the most in total is taken, the
+    rows it captures (now closer to it than to their centre) are credited to it, and the
+    gains of the others are recomputed; the new centre is the normalised mean of its
+    captured rows. A lone outlier has no close neighbours and captures only itself, so it
+    loses to a group of badly served look-alikes. Stops early when the best candidate
+    captures fewer than ``min_captured`` rows. Costs two matrix products of the candidates
+    against the block.
+
+    Parameters
+    ----------
+    block : ndarray (n_rows, n_features), unit rows
+    sims : ndarray (n_rows,), each row's cosine to its current centre
+
+    Returns
+    -------
+    centres : float32 (m, n_features), m <= n_new
+    captured : int64 (m,), rows of the block each new centre captured
+    """
+    current = np.asarray(sims, dtype=np.float32).copy()
+    n = len(block)
+    empty = np.empty((0, block.shape[1]), np.float32), np.empty(0, np.int64)
+    weight = np.maximum(1.0 - current, 0.0).astype(np.float64)
+    cumulative = np.cumsum(weight)
+    if n_new <= 0 or n == 0 or cumulative[-1] <= 0:
+        return empty
+    n_candidates = min(n, max(16, candidates_per_centre * n_new))
+    candidates = np.minimum(
+        np.searchsorted(cumulative, rng.random(n_candidates) * cumulative[-1]), n - 1
+    )
+    cos = block[candidates] @ block.T
+    q = min(neighbours, n)
+    nearest = np.argpartition(-cos, q - 1, axis=1)[:, :q]
+    proposals = normalize_rows(block[nearest].sum(axis=1))
+    cos = proposals @ block.T
+    found: list[np.ndarray] = []
+    captured: list[int] = []
+    available = np.ones(len(proposals), dtype=bool)
+    for _ in range(n_new):
+        gains = np.maximum(cos - current[None, :], 0.0).sum(axis=1, dtype=np.float64)
+        gains[~available] = -1.0
+        best = int(np.argmax(gains))
+        members = cos[best] > current
+        if gains[best] <= 0 or int(members.sum()) < min_captured:
+            break
+        available[best] = False
+        centre = normalize_rows(block[members].sum(axis=0, dtype=np.float64)[None, :])[0]
+        current = np.maximum(current, np.maximum(cos[best], block @ centre))
+        found.append(centre)
+        captured.append(int(members.sum()))
+    if not found:
+        return empty
+    return np.stack(found).astype(np.float32), np.array(captured, dtype=np.int64)

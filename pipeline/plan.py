@@ -114,6 +114,13 @@ class TrainPlan:
     seed: int
     blas_threads: int
     block_orders: tuple[tuple[int, ...], ...] = field(repr=False)
+    metric: str = "euclidean"
+
+    @property
+    def reseed_window(self) -> int:
+        """Rows over which a centre must win ``reseed_min_members`` rows (cosine fit):
+        16 per centre, so a typical cluster expects 16 members in it."""
+        return 16 * self.n_clusters
 
     @property
     def n_blocks(self) -> int:
@@ -127,8 +134,9 @@ class TrainPlan:
     def __repr__(self) -> str:
         first = ", ".join(map(str, self.block_orders[0][:8])) if self.block_orders else ""
         more = ", ..." if self.n_blocks > 8 else ""
+        metric = f"metric={self.metric}, " if self.metric != "euclidean" else ""
         return (
-            f"TrainPlan(rows={self.n_rows:,}, dim={self.dim}, n_clusters={self.n_clusters}, "
+            f"TrainPlan({metric}rows={self.n_rows:,}, dim={self.dim}, n_clusters={self.n_clusters}, "
             f"chunk_rows={self.chunk_rows}, blocks={self.n_blocks}, batch_size={self.batch_size}, "
             f"init_size={self.init_size}, epochs={self.epochs}, "
             f"refine_iterations={self.refine_iterations}, seed={self.seed}, "
@@ -255,6 +263,7 @@ def plan_training(
         seed=train.seed,
         blas_threads=blas_threads,
         block_orders=tuple(tuple(order) for order in orders),
+        metric=train.metric,
     )
 
 

@@ -20,16 +20,23 @@ from .context import StageContext
 
 
 def assign_store_block(
-    url: str, centres: np.ndarray, centre_sq_norms: np.ndarray, block_info: dict | None = None
+    url: str,
+    centres: np.ndarray,
+    centre_sq_norms: np.ndarray,
+    block_info: dict | None = None,
+    metric: str = "euclidean",
 ) -> np.ndarray:
     """Read one store block and assign its rows (one BLAS thread: blocks run in parallel).
 
     The block is read into this thread's reused buffer (no page faults on a fresh array)
-    and only the small records leave the task.
+    and only the small records leave the task. With ``metric="cosine"`` the centres are
+    unit vectors and each row goes to the centre of largest cosine.
     """
     start, stop = block_info[None]["array-location"][0]
     with threadpool_limits(1):
         block = store.read_rows_reusing_buffer(url, start, stop)
+        if metric == "cosine":
+            return kernels.assign_block_cosine(block, centres)
         return kernels.assign_block(block, centres, centre_sq_norms)
 
 
@@ -49,12 +56,16 @@ def assignments_meta(objects_url: str) -> pd.DataFrame:
     return attach_assignments(objects, np.empty(0, dtype=schema.ASSIGNMENT_DTYPE))
 
 
-def assign_clusters(store_url: str, objects_url: str, centres: np.ndarray) -> dd.DataFrame:
+def assign_clusters(
+    store_url: str, objects_url: str, centres: np.ndarray, metric: str = "euclidean"
+) -> dd.DataFrame:
     """Lazy assignments: one partition per store block, rows in store order.
 
     Parameters
     ----------
     centres : ndarray of shape (n_clusters, n_features)
+    metric : {"euclidean", "cosine"}
+        Nearest centre, or centre of largest cosine (``dist = sqrt(2 - 2 sim)``).
     """
     vectors = store.vectors_array(store_url)
     centres = np.ascontiguousarray(centres, dtype=np.float32)
@@ -66,6 +77,7 @@ def assign_clusters(store_url: str, objects_url: str, centres: np.ndarray) -> dd
         chunks=(vectors.chunks[0],),
         dtype=schema.ASSIGNMENT_DTYPE,
         meta=np.empty((0,), dtype=schema.ASSIGNMENT_DTYPE),
+        **({"metric": metric} if metric != "euclidean" else {}),
     )
     blocks = records.to_delayed().ravel()
     parts = [
@@ -81,7 +93,8 @@ def predict_stage(context: StageContext) -> None:
     """Stage 3: write the assignment table (all objects with cluster, dist, sim)."""
     catalog = context.catalog
     centres = catalog.read_centres()
-    assignments = assign_clusters(catalog.store, catalog.objects, centres)
+    metric = catalog.read_metric()
+    assignments = assign_clusters(catalog.store, catalog.objects, centres, metric)
     without_status = schema.ASSIGNMENTS_SCHEMA.remove(
         schema.ASSIGNMENTS_SCHEMA.get_field_index(schema.STATUS)
     )
@@ -89,6 +102,6 @@ def predict_stage(context: StageContext) -> None:
         assignments,
         catalog.assignments,
         schema.with_extra_fields(without_status, catalog.objects_schema()),
-        {**context.metadata, "n_clusters": len(centres)},
+        {**context.metadata, "n_clusters": len(centres), "metric": metric},
         compute=lambda graph: context.executor.compute(graph, desc="predict"),
     )

@@ -57,6 +57,11 @@ OBJECTS_SCHEMA = pa.schema(
     ]
 )
 
+#: ``cluster`` is the centre's id; ``sim`` the cosine similarity of the row to its centre
+#: (whatever the metric); ``dist`` the distance the model assigns by: with
+#: ``train.metric: euclidean`` the Euclidean distance between the row and its centre, with
+#: ``cosine`` the Euclidean distance between the L2-normalised row and the unit centre,
+#: ``sqrt(2 - 2 sim)`` (0 = same direction, sqrt(2) = orthogonal, 2 = opposite).
 ASSIGNMENT_FIELDS = [
     pa.field("cluster", pa.int32(), nullable=False),
     pa.field("dist", pa.float32(), nullable=False),

@@ -241,6 +241,9 @@ def make_demo_dataset(
     layout: Literal["per_image", "matrix"] = "per_image",
     images: bool = False,
     outlier_fraction: float = 0.02,
+    noise_spread: float = 0.2,
+    rows_per_user: int = 120,
+    style_scale: float = 0.3,
 ) -> DemoDataset:
     """Write a seeded synthetic dataset under ``root`` and return its paths.
 
@@ -257,6 +260,19 @@ def make_demo_dataset(
     images : bool, default=False
         Also draw a picture per image whose shapes follow the clusters (in worker
         processes, alongside the vectors; see :func:`draw_demo_images`).
+    outlier_fraction : float, default=0.02
+        Share of objects that are pure noise (true cluster -1).
+    noise_spread : float, default=0.2
+        Sigma of the log-normal factor on each row's noise: larger = rows of very unequal
+        noise inside one cluster (0.6 makes a tenth of the rows over twice as noisy).
+    rows_per_user : int, default=120
+        Mean objects per user (users = n_objects // rows_per_user): larger = fewer users,
+        each a bigger share of the file.
+    style_scale : float, default=0.3
+        Norm of each user's style offset (centres and noise have norm ~1): larger = a
+        stronger per-user style that pulls a user's objects together across clusters.
+
+    The defaults give the demo dataset; changing none of them leaves its bytes unchanged.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -271,7 +287,7 @@ def make_demo_dataset(
     tightness = rng.uniform(0.55, 1.45, k).astype(np.float32)
     cluster_tag = np.array([TAGS[(c * 7) % len(TAGS)] for c in range(k)])
 
-    n_users = max(1, n_objects // 120)
+    n_users = max(1, n_objects // rows_per_user)
     sizes = _user_sizes(rng, n_objects, n_users)
 
     csv_path = root / CSV_NAME
@@ -297,7 +313,9 @@ def make_demo_dataset(
             user_p = 0.6 * popularity
             user_p[favourites] += 0.4 * rng.dirichlet(np.ones(len(favourites)))
             user_p /= user_p.sum()
-            style = rng.standard_normal(dim, dtype=np.float32) * np.float32(0.3 / np.sqrt(dim))
+            style = rng.standard_normal(dim, dtype=np.float32) * np.float32(
+                style_scale / np.sqrt(dim)
+            )
             columns: dict[str, list] = {
                 name: []
                 for name in (
@@ -315,7 +333,9 @@ def make_demo_dataset(
                 clusters_arr = np.array(clusters)
                 outlier = rng.random(n_in_image) < outlier_fraction
                 clusters_arr[outlier] = -1
-                spread = tightness[np.maximum(clusters_arr, 0)] * rng.lognormal(0, 0.2, n_in_image)
+                spread = tightness[np.maximum(clusters_arr, 0)] * rng.lognormal(
+                    0, noise_spread, n_in_image
+                )
                 noise_scale = np.where(outlier, 1.0, spread).astype(np.float32)
                 noise = rng.standard_normal((n_in_image, dim), dtype=np.float32)
                 noise *= (noise_scale / np.sqrt(dim)).astype(np.float32)[:, None]

@@ -7,6 +7,16 @@
    the model from the previous task, so the model (a few MB) travels to the data, as in
    dask-ml's ``Incremental``. Every block is itself a random sample, so each mini-batch
    holds rows from the whole dataset, not from a few users.
+With ``metric: cosine`` the same chain fits spherical mini-batch k-means instead
+(:class:`SphericalModel`): each block is L2-normalised in the task's read buffer as it is
+read (the store is never copied), k-means++ seeds on the normalised sample, each
+mini-batch update (:func:`pipeline.kernels.spherical_minibatch_step`) renormalises the
+centres, and after each block, centres that won fewer than ``reseed_min_members`` rows per
+``16 x n_clusters`` rows streamed since their seeding, and sink clusters (large, with a
+mean cosine under half the typical one), are re-seeded among the block's worst-served
+rows (:func:`pipeline.kernels.reseed_from_block`). Every re-seed is logged in the
+model's history.
+
 3. Optional Lloyd refinement: each iteration is a parallel map-reduce over blocks (cluster
    sums and counts), i.e. one full-batch k-means step; it lowers inertia towards
    full-batch ``KMeans`` at the cost of one pass over the store.
@@ -94,7 +104,7 @@ def add_stats(
     return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
-def centres_of(model: FittedModel) -> np.ndarray:
+def centres_of(model: FittedModel | SphericalModel) -> np.ndarray:
     return np.ascontiguousarray(model.centres, dtype=np.float32)
 
 
@@ -118,6 +128,208 @@ def lloyd_update(
     return model
 
 
+# --------------------------------------------------------------------------- cosine
+
+
+@dataclass
+class SphericalModel:
+    """Spherical mini-batch k-means state carried from block to block.
+
+    Attributes
+    ----------
+    unit_centres : float32 (k, dim), unit rows
+    counts : float64 (k,), members accumulated over the fit (the update's weights)
+    members, sim_sums : members won and the sum of their cosines since each centre's
+        (re)seeding
+    seen : int64 (k,), rows streamed since each centre's (re)seeding
+    """
+
+    unit_centres: np.ndarray
+    counts: np.ndarray
+    members: np.ndarray
+    sim_sums: np.ndarray
+    seen: np.ndarray
+    history: list[dict] = field(default_factory=list)
+    metric: str = "cosine"
+
+    @property
+    def centres(self) -> np.ndarray:
+        return self.unit_centres
+
+
+def init_spherical_model(url: str, plan: TrainPlan, cfg: TrainConfig) -> SphericalModel:
+    """k-means++ in the cosine metric: on the normalised rows of the uniform sample."""
+    with threadpool_limits(plan.blas_threads):
+        sample = store.read_rows(url, 0, plan.init_size)
+        kernels.normalize_rows(sample, out=sample)
+        centres = kernels.kmeans_plusplus(
+            sample, plan.n_clusters, plan.seed, cfg.init_projection_dim, overwrite_sample=True
+        )
+        del sample
+    k = plan.n_clusters
+    return SphericalModel(
+        unit_centres=kernels.normalize_rows(centres),
+        counts=np.zeros(k, np.float64),
+        members=np.zeros(k, np.int64),
+        sim_sums=np.zeros(k, np.float64),
+        seen=np.zeros(k, np.int64),
+        history=[{"step": "init", "rows": plan.init_size, "metric": "cosine"}],
+    )
+
+
+def find_sinks(model: SphericalModel) -> np.ndarray:
+    """Centres that are large (>= 2x the median members) with a mean cosine under half
+    the median one: they collect what no other centre serves (a sink)."""
+    alive = model.members > 0
+    if alive.sum() < 3:
+        return np.empty(0, np.int64)
+    mean_sim = np.zeros_like(model.sim_sums)
+    mean_sim[alive] = model.sim_sums[alive] / model.members[alive]
+    size_cut = 2 * np.median(model.members[alive])
+    sim_cut = 0.5 * np.median(mean_sim[alive])
+    return np.flatnonzero(alive & (model.members >= size_cut) & (mean_sim < sim_cut))
+
+
+def find_dead(model: SphericalModel, min_members: int, window: int) -> np.ndarray:
+    """Centres that, over at least ``window`` rows streamed since their seeding, won fewer
+    than ``min_members`` rows per ``window`` rows."""
+    checked = model.seen >= window
+    return np.flatnonzero(checked & (model.members * window < min_members * model.seen))
+
+
+def spherical_fit_block(
+    model: SphericalModel,
+    url: str,
+    start: int,
+    stop: int,
+    plan: TrainPlan,
+    cfg: TrainConfig,
+    epoch: int,
+    block_index: int,
+) -> SphericalModel:
+    """Read one block, normalise it in place, feed it to the spherical mini-batch update,
+    then re-seed dead and sink centres among the block's worst-served rows.
+
+    Works on a copy, so a retried task starts from the same model. Deterministic: the
+    re-seeding draws from a generator seeded by (seed, epoch, block).
+    """
+    model = copy.deepcopy(model)
+    with threadpool_limits(plan.blas_threads):
+        block = store.read_rows_reusing_buffer(url, start, stop)
+        kernels.normalize_rows(block, out=block)
+        sims = np.empty(len(block), np.float32)
+        for offset in range(0, len(block), plan.batch_size):
+            batch = block[offset : offset + plan.batch_size]
+            model.unit_centres, model.counts, labels, batch_sims = kernels.spherical_minibatch_step(
+                batch, model.unit_centres, model.counts
+            )
+            sims[offset : offset + len(batch)] = batch_sims
+            model.members += np.bincount(labels, minlength=len(model.counts))
+            model.sim_sums += np.bincount(labels, weights=batch_sims, minlength=len(model.counts))
+            model.seen += len(batch)
+        if cfg.reseed_min_members > 0 or cfg.sink_split:
+            reseed_centres(model, block, sims, plan, cfg, epoch, block_index)
+    return model
+
+
+def reseed_centres(
+    model: SphericalModel,
+    block: np.ndarray,
+    sims: np.ndarray,
+    plan: TrainPlan,
+    cfg: TrainConfig,
+    epoch: int,
+    block_index: int,
+) -> None:
+    """Re-seed dead centres and split sinks (in place on ``model``), logging what it did."""
+    dead = (
+        find_dead(model, cfg.reseed_min_members, plan.reseed_window)
+        if cfg.reseed_min_members > 0
+        else np.empty(0, np.int64)
+    )
+    sinks = find_sinks(model) if cfg.sink_split else np.empty(0, np.int64)
+    sinks = np.setdiff1d(sinks, dead)
+    targets = np.concatenate([dead, sinks]).astype(np.int64)
+    if len(targets) == 0:
+        return
+    rng = np.random.default_rng([plan.seed, epoch, block_index])
+    new, captured = kernels.reseed_from_block(
+        block, sims, len(targets), rng, min_captured=max(3, cfg.reseed_min_members + 1)
+    )
+    replaced = targets[: len(new)]
+    entry = {
+        "step": "reseed", "epoch": epoch, "block": int(block_index),
+        "dead": int(len(dead)), "sinks": [
+            {"cluster": int(j), "members": int(model.members[j]),
+             "mean_sim": round(float(model.sim_sums[j] / model.members[j]), 4)}
+            for j in sinks
+        ],
+        "reseeded": [int(j) for j in replaced], "captured": [int(c) for c in captured],
+    }  # fmt: skip
+    model.unit_centres[replaced] = new
+    model.counts[replaced] = captured
+    model.members[replaced] = 0
+    model.sim_sums[replaced] = 0.0
+    model.seen[replaced] = 0
+    model.history.append(entry)
+
+
+def spherical_block_sums(
+    url: str, start: int, stop: int, centres: np.ndarray, blas_threads: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Read and normalise one block; its spherical Lloyd statistics."""
+    with threadpool_limits(blas_threads):
+        block = store.read_rows_reusing_buffer(url, start, stop)
+        kernels.normalize_rows(block, out=block)
+        return kernels.spherical_cluster_sums(block, centres)
+
+
+def spherical_lloyd_update(
+    model: SphericalModel, stats: tuple[np.ndarray, np.ndarray, float], iteration: int
+) -> SphericalModel:
+    """Each centre becomes the normalised sum of its members; an empty one stays."""
+    sums, counts, sim_total = stats
+    model = copy.deepcopy(model)
+    filled = counts > 0
+    model.unit_centres[filled] = kernels.normalize_rows(sums[filled].astype(np.float32))
+    model.history.append({"step": f"refine {iteration}", "mean_sim_before":
+                          sim_total / max(1, int(counts.sum())),
+                          "empty_clusters": int((~filled).sum())})  # fmt: skip
+    return model
+
+
+def finish_spherical(model: SphericalModel, cfg: TrainConfig, plan: TrainPlan) -> SphericalModel:
+    """Log what the fit ends with: centres still starved and sinks left (flagged)."""
+    model = copy.deepcopy(model)
+    sinks = find_sinks(model)
+    model.history.append({
+        "step": "final",
+        "starved": int(len(find_dead(model, max(1, cfg.reseed_min_members), plan.reseed_window))),
+        "flagged_sinks": [int(j) for j in sinks],
+        "reseeds": int(sum(len(h.get("reseeded", [])) for h in model.history)),
+    })  # fmt: skip
+    return model
+
+
+def cosine_estimator(centres: np.ndarray, plan: TrainPlan):
+    """A scikit-learn estimator that predicts like the cosine model on raw rows:
+    ``Normalizer`` then a ``MiniBatchKMeans`` holding the unit centres (on unit rows the
+    nearest centre is the one of largest cosine)."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer
+
+    km = MiniBatchKMeans(
+        n_clusters=len(centres), init=centres, n_init=1, batch_size=plan.batch_size,
+        random_state=plan.seed, reassignment_ratio=0.0, compute_labels=False,
+    )  # fmt: skip
+    km.partial_fit(centres)  # sets the fitted attributes; each centre is its own member
+    km.cluster_centers_ = np.array(centres, dtype=np.float32)
+    return make_pipeline(Normalizer(), km)
+
+
+# --------------------------------------------------------------------------- graph
+
+
 def _tree_reduce(items: list, combine) -> object:
     while len(items) > 1:
         items = [
@@ -134,6 +346,8 @@ def fit_centroids(cfg: TrainConfig, plan: TrainPlan, store_url: str) -> delayed:
     parallel refinement tasks one each, so they do not oversubscribe the cores); it is
     part of the plan so a local and a distributed run compute identically.
     """
+    if plan.metric == "cosine":
+        return fit_spherical(cfg, plan, store_url)
     model = delayed(init_model, pure=True)(store_url, plan, cfg)
     for order in plan.block_orders:
         for block in order:
@@ -151,6 +365,27 @@ def fit_centroids(cfg: TrainConfig, plan: TrainPlan, store_url: str) -> delayed:
     return model
 
 
+def fit_spherical(cfg: TrainConfig, plan: TrainPlan, store_url: str) -> delayed:
+    """The cosine fit's lazy graph (same shape as the Euclidean one)."""
+    model = delayed(init_spherical_model, pure=True)(store_url, plan, cfg)
+    for epoch, order in enumerate(plan.block_orders):
+        for block in order:
+            start, stop = plan.block_bounds(block)
+            model = delayed(spherical_fit_block, pure=True)(
+                model, store_url, start, stop, plan, cfg, epoch, block
+            )
+    for iteration in range(1, plan.refine_iterations + 1):
+        centres = delayed(centres_of, pure=True)(model)
+        stats = [
+            delayed(spherical_block_sums, pure=True)(store_url, *plan.block_bounds(b), centres, 1)
+            for b in range(plan.n_blocks)
+        ]
+        model = delayed(spherical_lloyd_update, pure=True)(
+            model, _tree_reduce(stats, add_stats), iteration
+        )
+    return delayed(finish_spherical, pure=True)(model, cfg, plan)
+
+
 def training_plan(train: TrainConfig, context: StageContext) -> TrainPlan:
     """The fit's plan, from the train section and the ingested store's shape."""
     return plan_training(train, *context.catalog.store_shape(), context.plan.blas_threads)
@@ -163,7 +398,19 @@ def train_stage(context: StageContext, train: TrainConfig) -> None:
     model = context.executor.compute(
         fit_centroids(train, plan, context.catalog.store), desc="train"
     )
-    params = {k: v for k, v in model.estimator.get_params().items() if k != "init"}
-    description = {**context.metadata, "plan": repr(plan), "params": params,
-                   "history": model.history}  # fmt: skip
-    context.catalog.write_model(model.centres, model.estimator, description)
+    if plan.metric == "cosine":
+        estimator = cosine_estimator(model.centres, plan)
+        params = {"algorithm": "spherical mini-batch k-means", "n_clusters": plan.n_clusters,
+                  "batch_size": plan.batch_size, "epochs": plan.epochs,
+                  "reseed_min_members": train.reseed_min_members,
+                  "reseed_window": plan.reseed_window, "sink_split": train.sink_split,
+                  "random_state": plan.seed}  # fmt: skip
+        final = model.history[-1]
+        log.info("cosine fit: %d re-seeds, %d starved centres, sinks flagged: %s",
+                 final["reseeds"], final["starved"], final["flagged_sinks"])  # fmt: skip
+    else:
+        estimator = model.estimator
+        params = {k: v for k, v in model.estimator.get_params().items() if k != "init"}
+    description = {**context.metadata, "plan": repr(plan), "metric": plan.metric,
+                   "params": params, "history": model.history}  # fmt: skip
+    context.catalog.write_model(model.centres, estimator, description)

@@ -43,7 +43,15 @@ def config_for(dataset: DemoDataset, out: Path, **sections) -> Config:
             else None,
         },
         "ingest": {"chunk_rows": 256},
-        "train": {"n_clusters": 20, "batch_size": 256, "epochs": 2, "refine_iterations": 1},
+        # The Euclidean fit, pinned: these tests check it against Euclidean oracles; the
+        # cosine fit has its own tests (test_cosine.py).
+        "train": {
+            "n_clusters": 20,
+            "batch_size": 256,
+            "epochs": 2,
+            "refine_iterations": 1,
+            "metric": "euclidean",
+        },
         "output": {"dir": str(out)},
         "executor": {"progress": False},
     }

@@ -185,3 +185,106 @@ def test_cluster_sums_production_shape_matches_numpy():
     expected[filled] = np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
     np.testing.assert_allclose(sums, expected, rtol=1e-5, atol=1e-3)
     assert inertia == pytest.approx(sq.min(axis=1).sum(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- cosine metric
+
+
+def reference_cosine(x, c):
+    """Plain float64 numpy: argmax of normalised dot products, the cosine, sqrt(2 - 2 cos)."""
+    xu = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    cu = c.astype(np.float64) / np.linalg.norm(c.astype(np.float64), axis=1, keepdims=True)
+    cos = xu @ cu.T
+    labels = cos.argmax(axis=1)
+    best = cos[np.arange(len(x)), labels]
+    return labels, np.linalg.norm(xu - cu[labels], axis=1), best, cos
+
+
+def test_assign_block_cosine_matches_numpy_reference():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((400, 48), dtype=np.float32) * rng.uniform(0.1, 5, (400, 1)).astype(
+        np.float32
+    )
+    c = kernels.normalize_rows(rng.standard_normal((25, 48), dtype=np.float32))
+    out = kernels.assign_block_cosine(x, c)
+    labels, dist, best, cos = reference_cosine(x, c)
+    # float32 may break near-ties differently: the chosen centre must be (nearly) the best.
+    chosen = cos[np.arange(len(x)), out["cluster"]]
+    np.testing.assert_allclose(chosen, best, atol=1e-5)
+    assert (out["cluster"] == labels).mean() > 0.99
+    np.testing.assert_allclose(out["sim"], best, atol=1e-5)
+    # dist is the Euclidean distance between the unit row and the unit centre.
+    np.testing.assert_allclose(out["dist"], dist, atol=1e-3)
+    np.testing.assert_allclose(
+        out["dist"], np.sqrt(2 - 2 * out["sim"].astype(np.float64)), atol=1e-5
+    )
+    assert out["dist"].dtype == np.float32 and out["sim"].dtype == np.float32
+
+
+def test_assign_block_cosine_ignores_row_scale_and_handles_zero_rows():
+    c = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    x = np.array([[0.1, 0.2], [100.0, 1.0], [0.0, 0.0], [-1.0, 0.0]], dtype=np.float32)
+    out = kernels.assign_block_cosine(x, c)
+    assert out["cluster"].tolist() == [1, 0, 0, 1]
+    assert out["sim"][2] == 0.0 and out["dist"][2] == pytest.approx(np.sqrt(2))
+    assert out["sim"][3] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_normalize_rows_in_place_and_zero_rows():
+    x = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
+    same = kernels.normalize_rows(x, out=x)
+    assert same is x
+    np.testing.assert_allclose(x, [[0.6, 0.8], [0.0, 0.0]])
+
+
+def reference_spherical_step(batch, centres, counts):
+    """The mini-batch rule written out per centre, in float64."""
+    centres, counts = centres.astype(np.float64).copy(), counts.astype(np.float64).copy()
+    labels = (batch.astype(np.float64) @ centres.T).argmax(axis=1)
+    for j in range(len(centres)):
+        members = batch[labels == j].astype(np.float64)
+        if len(members):
+            moved = (counts[j] * centres[j] + members.sum(0)) / (counts[j] + len(members))
+            centres[j] = moved / np.linalg.norm(moved)
+            counts[j] += len(members)
+    return centres, counts, labels
+
+
+def test_spherical_minibatch_step_matches_reference():
+    rng = np.random.default_rng(2)
+    batch = kernels.normalize_rows(rng.standard_normal((300, 16), dtype=np.float32))
+    centres = kernels.normalize_rows(rng.standard_normal((12, 16), dtype=np.float32))
+    counts = rng.integers(0, 50, 12).astype(np.float64)
+    before = centres.copy()
+    new, new_counts, labels, sims = kernels.spherical_minibatch_step(batch, centres, counts)
+    ref, ref_counts, ref_labels = reference_spherical_step(batch, before, counts)
+    np.testing.assert_array_equal(centres, before)  # pure: inputs untouched
+    np.testing.assert_array_equal(labels, ref_labels)
+    np.testing.assert_allclose(new, ref, atol=1e-5)
+    np.testing.assert_array_equal(new_counts, ref_counts)
+    np.testing.assert_allclose(np.linalg.norm(new, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(sims, (batch @ before.T).max(1), atol=1e-6)
+
+
+def test_reseed_from_block_lands_in_the_worst_served_group_not_on_an_outlier():
+    rng = np.random.default_rng(3)
+    dim = 64
+    group = kernels.normalize_rows(
+        np.ones((1, dim), np.float32) + 0.1 * rng.standard_normal((40, dim), dtype=np.float32)
+    )
+    served = kernels.normalize_rows(
+        -np.ones((1, dim), np.float32) + 0.1 * rng.standard_normal((200, dim), dtype=np.float32)
+    )
+    outliers = kernels.normalize_rows(rng.standard_normal((20, dim), dtype=np.float32))
+    block = np.concatenate([group, served, outliers])
+    # The second group is served by its own mean direction; the first by a far centre.
+    served_sims = served @ kernels.normalize_rows(-np.ones((1, dim), np.float32))[0]
+    sims = np.concatenate([np.full(40, 0.1), served_sims, np.full(20, 0.3)]).astype(np.float32)
+    centres, captured = kernels.reseed_from_block(block, sims, 1, np.random.default_rng(0))
+    assert captured.tolist() == [40]
+    assert float(centres[0] @ kernels.normalize_rows(np.ones((1, dim), np.float32))[0]) > 0.99
+    # Deterministic for a generator seed; never more centres than asked for.
+    same, same_captured = kernels.reseed_from_block(block, sims, 1, np.random.default_rng(0))
+    np.testing.assert_array_equal(same, centres)
+    more, _ = kernels.reseed_from_block(block, sims, 2, np.random.default_rng(0))
+    assert len(more) <= 2
