@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import html
-import json
 import logging
 import math
 import os
@@ -192,7 +191,7 @@ def cluster_state(row: pd.Series | dict) -> ClusterState:
 
 
 def crop_box(bbox: str, width: int, height: int) -> tuple[int, int, int, int] | None:
-    """The whole-pixel box of ``bbox`` (JSON ``[x1, y1, x2, y2]``) inside an image.
+    """The whole-pixel box of ``bbox`` (see :func:`pipeline.schema.parse_bbox`) in an image.
 
     Edges go outwards to whole pixels and are clipped to the image; ``None`` when the
     text is not a box or nothing of it lies inside.
@@ -204,12 +203,10 @@ def crop_box(bbox: str, width: int, height: int) -> tuple[int, int, int, int] | 
     >>> crop_box("[120, 0, 130, 10]", 100, 100) is None
     True
     """
-    try:
-        x1, y1, x2, y2 = (float(v) for v in json.loads(bbox))
-    except (TypeError, ValueError):
+    box = schema.parse_bbox(bbox) if isinstance(bbox, str) else None
+    if box is None:
         return None
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        return None
+    x1, y1, x2, y2 = box
     left, top = max(0, math.floor(min(x1, x2))), max(0, math.floor(min(y1, y2)))
     right, bottom = min(width, math.ceil(max(x1, x2))), min(height, math.ceil(max(y1, y2)))
     if right <= left or bottom <= top:

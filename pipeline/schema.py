@@ -6,6 +6,10 @@ One place for what downstream consumers rely on. Round-trip tests in
 
 from __future__ import annotations
 
+import json
+import math
+import re
+
 import numpy as np
 import pyarrow as pa
 
@@ -41,6 +45,50 @@ STATUS_ORDER: tuple[str, ...] = (
     STATUS_SMALL_CLUSTER,
     STATUS_KEPT,
 )
+
+_NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+_BOX_TEXT = re.compile(
+    rf"^\s*(?P<open>[\[(]?)\s*({_NUMBER})(?:\s*,\s*|\s+)({_NUMBER})(?:\s*,\s*|\s+)({_NUMBER})"
+    rf"(?:\s*,\s*|\s+)({_NUMBER})\s*(?P<close>[\])]?)\s*$"
+)
+_PAIRS = {("", ""), ("[", "]"), ("(", ")")}
+
+
+def parse_bbox(text: str) -> tuple[float, float, float, float] | None:
+    """``(x1, y1, x2, y2)`` from the common ways a box is written, or ``None``.
+
+    The write-up's JSON list, and the forms exporters also write: ``x1,y1,x2,y2``,
+    ``[x1 y1 x2 y2]``, ``(x1, y1, x2, y2)``. Coordinates must be finite with
+    ``x1 <= x2`` and ``y1 <= y2``.
+
+    >>> parse_bbox("[1, 2, 3.5, 4e1]"), parse_bbox("(1, 2, 3, 4)"), parse_bbox("1 2 3 4")
+    ((1.0, 2.0, 3.5, 40.0), (1.0, 2.0, 3.0, 4.0), (1.0, 2.0, 3.0, 4.0))
+    >>> parse_bbox("[3, 0, 1, 1]"), parse_bbox("[1, 2, 3)"), parse_bbox("[1, 2, 3, 4)")
+    (None, None, None)
+    """
+    match = _BOX_TEXT.match(text)
+    if match is not None:
+        if (match["open"], match["close"]) not in _PAIRS:
+            return None
+        values = [float(match.group(i)) for i in range(2, 6)]
+    else:
+        try:
+            box = json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(box, list) or len(box) != 4:
+            return None
+        if any(isinstance(v, bool) or not isinstance(v, (int, float, str)) for v in box):
+            return None
+        try:
+            values = [float(v) for v in box]
+        except (ValueError, OverflowError):
+            return None
+    x1, y1, x2, y2 = values
+    if not all(math.isfinite(v) for v in values) or x2 < x1 or y2 < y1:
+        return None
+    return x1, y1, x2, y2
+
 
 OBJECTS_SCHEMA = pa.schema(
     [

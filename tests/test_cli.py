@@ -85,7 +85,7 @@ def test_stage_commands_run_in_order(tmp_path, small_dataset):
     assert len(csv) > 0
     # The training plan is known once the store exists.
     result = runner.invoke(app, ["train", "-c", config, "--dry-run"])
-    assert "TrainPlan(rows=2,000" in result.output
+    assert "TrainPlan(" in result.output and "rows=2,000" in result.output
 
 
 def test_unreachable_scheduler_is_one_line(tmp_path, small_dataset):

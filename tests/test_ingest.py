@@ -120,6 +120,15 @@ def test_exclude_tags_removes_exactly_those_tags(small_dataset, tmp_path):
         ("[1, 2, 3, NaN]", False),
         ('["a", 2, 3, 4]', False),
         ("[true, 2, 3, 4]", False),
+        # the other common spellings of a box
+        ("1,2,3,4", True),
+        ("10.5, 20, 30, 40.25", True),
+        ("[1 2 3 4]", True),
+        ("(1, 2, 3, 4)", True),
+        (" ( 1 2 3 4 ) ", True),
+        ("[1, 2, 3, 4)", False),  # mismatched brackets
+        ("1,2,3", False),
+        ("(3, 2, 1, 4)", False),  # x1 > x2 in any spelling
     ],
 )
 def test_bbox_rule_by_hand(text, ok):
@@ -222,3 +231,18 @@ def test_paths_stay_inside_the_root_and_only_regular_files_are_read(tmp_path):
     stored = zarr.open_group(catalog.store, mode="r")["vectors"][:]
     secret = vectors[str(outside / "secret.npy")]
     assert not any((stored == row).all(axis=1).any() for row in secret)  # nothing leaked
+
+
+def test_legal_csv_with_huge_fields_and_quoted_line_breaks_is_read(tmp_path):
+    header = "batch_folder,username,res_name,bbox,tag,score,idx,image_name,note"
+    rows = [
+        f'b,u{i},r,"[0, 0, 1, 1]",t,0.5,0,img{i},"line one\nline two, with a comma"'
+        for i in range(3000)
+    ]
+    rows.append('b,big,r,"[0, 0, 1, 1]",t,0.5,0,img,' + "x" * 5_000_000)
+    csv = tmp_path / "objects.csv"
+    csv.write_text(header + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    table = read_objects_csv(str(csv))
+    assert len(table) == 3001
+    assert table["note"].iloc[0] == "line one\nline two, with a comma"
+    assert len(table["note"].iloc[-1]) == 5_000_000 and table["username"].iloc[-1] == "big"

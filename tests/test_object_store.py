@@ -63,7 +63,7 @@ def test_run_with_s3_output_equals_local_run(small_dataset, tmp_path, s3_env):
         f"""
 input: {{objects_csv: {small_dataset.objects_csv}, embeddings_root: {small_dataset.embeddings_root}}}
 ingest: {{chunk_rows: 256}}
-train: {{n_clusters: 20, batch_size: 256, epochs: 2, refine_iterations: 1}}
+train: {{n_clusters: 20, batch_size: 256, epochs: 2, refine_iterations: 1, metric: euclidean}}
 output: {{dir: "s3://runs/demo", staging_dir: {tmp_path / "staging"}}}
 executor: {{progress: false}}
 """

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import dask
 import numpy as np
 import pytest
@@ -24,6 +26,10 @@ from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.plan import plan_training
 from pipeline.train import fit_centroids, init_model
+
+#: These tests check the Euclidean chain against scikit-learn (the cosine fit has its own
+#: oracles in test_cosine.py), so they pin the metric the default no longer is.
+EuclideanTrain = functools.partial(TrainConfig, metric="euclidean")
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -109,7 +115,9 @@ def test_partial_fit_chain_equals_plain_sklearn_loop(chain_store, compute):
     # Overlapping clusters, mini-batches that do not divide a block (512 = 5 x 96 + 32),
     # two epochs and random reassignment (so the estimator's random state must travel
     # with the model from task to task, and between processes).
-    cfg = TrainConfig(n_clusters=CHAIN_K, batch_size=96, epochs=2, reassignment_ratio=0.05, seed=11)
+    cfg = EuclideanTrain(
+        n_clusters=CHAIN_K, batch_size=96, epochs=2, reassignment_ratio=0.05, seed=11
+    )
     plan = plan_training(cfg, CHAIN_N, CHAIN_DIM, CHAIN_CHUNK, blas_threads=1)
     assert plan.n_blocks == 5 and plan.batch_size == 96 and len(plan.block_orders) == 2
 
@@ -218,7 +226,7 @@ def good_fit(x: np.ndarray, truth: np.ndarray, centres: np.ndarray, best: float)
 
 def test_fit_recovers_known_clusters_and_reaches_kmeans_inertia(quality):
     url, x, truth, best = quality
-    cfg = TrainConfig(n_clusters=Q_K, batch_size=256, epochs=1, seed=0)
+    cfg = EuclideanTrain(n_clusters=Q_K, batch_size=256, epochs=1, seed=0)
     plan, model = fit(cfg, url, x, Q_CHUNK)
     assert plan.n_blocks == 6
     labels = labels_of(x, model.centres)
@@ -236,7 +244,7 @@ def test_bound_rejects_a_fit_that_saw_one_block(quality):
     bound must reject it (otherwise the quality test could not catch a chain that drops
     blocks)."""
     url, x, truth, best = quality
-    cfg = TrainConfig(n_clusters=Q_K, batch_size=256, epochs=1, seed=0)
+    cfg = EuclideanTrain(n_clusters=Q_K, batch_size=256, epochs=1, seed=0)
     plan = plan_training(cfg, Q_N, Q_DIM, Q_CHUNK, blas_threads=1)
     with threadpool_limits(1):
         degenerate = init_model(url, plan, cfg).estimator
@@ -251,8 +259,8 @@ def test_bound_rejects_a_fit_that_saw_one_block(quality):
 def test_epochs_run_every_block_once_per_epoch(quality):
     url, x, _, _ = quality
     base = dict(n_clusters=Q_K, batch_size=256, seed=0)
-    one_plan, one = fit(TrainConfig(**base, epochs=1), url, x, Q_CHUNK)
-    two_plan, two = fit(TrainConfig(**base, epochs=2), url, x, Q_CHUNK)
+    one_plan, one = fit(EuclideanTrain(**base, epochs=1), url, x, Q_CHUNK)
+    two_plan, two = fit(EuclideanTrain(**base, epochs=2), url, x, Q_CHUNK)
     # Mini-batches per epoch, by hand: 6 blocks of 1,000 rows, each in ceil(1000/256) = 4.
     assert one.estimator.n_steps_ == 6 * 4
     assert two.estimator.n_steps_ == 2 * 6 * 4
@@ -264,8 +272,8 @@ def test_epochs_run_every_block_once_per_epoch(quality):
 def test_refine_iteration_is_one_lloyd_step(quality):
     url, x, _, _ = quality
     base = dict(n_clusters=Q_K, batch_size=256, epochs=1, seed=0)
-    _, plain = fit(TrainConfig(**base, refine_iterations=0), url, x, Q_CHUNK)
-    _, refined = fit(TrainConfig(**base, refine_iterations=1), url, x, Q_CHUNK)
+    _, plain = fit(EuclideanTrain(**base, refine_iterations=0), url, x, Q_CHUNK)
+    _, refined = fit(EuclideanTrain(**base, refine_iterations=1), url, x, Q_CHUNK)
     before, after = plain.centres, refined.centres
     assert not np.array_equal(before, after)
     assert inertia(x, after) <= inertia(x, before)
@@ -285,7 +293,7 @@ def test_refine_keeps_an_empty_clusters_centre(tmp_path):
     """A centre no row is nearest to keeps its place through a Lloyd step."""
     x, _, _ = make_blobs(400, 4, 4, seed=5)
     url = write_store(str(tmp_path / "e.zarr"), x, 100)
-    plan, model = fit(TrainConfig(n_clusters=4, batch_size=100, seed=1), url, x, 100)
+    plan, model = fit(EuclideanTrain(n_clusters=4, batch_size=100, seed=1), url, x, 100)
     far = model.centres.copy()
     far[0] = 1e4  # nobody's nearest centre
     from pipeline.train import FittedModel, block_cluster_sums, lloyd_update
@@ -302,13 +310,13 @@ def test_refine_keeps_an_empty_clusters_centre(tmp_path):
 def test_seed_changes_block_order_and_fit(quality):
     url, x, truth, best = quality
     base = dict(n_clusters=Q_K, batch_size=256, epochs=2)
-    plan_a, a = fit(TrainConfig(**base, seed=0), url, x, Q_CHUNK)
-    plan_b, b = fit(TrainConfig(**base, seed=1), url, x, Q_CHUNK)
+    plan_a, a = fit(EuclideanTrain(**base, seed=0), url, x, Q_CHUNK)
+    plan_b, b = fit(EuclideanTrain(**base, seed=1), url, x, Q_CHUNK)
     assert plan_a.block_orders != plan_b.block_orders
     assert not np.array_equal(a.centres, b.centres)
     # Both are good fits; the same seed reproduces the centres exactly.
     assert good_fit(x, truth, a.centres, best) and good_fit(x, truth, b.centres, best)
-    _, again = fit(TrainConfig(**base, seed=0), url, x, Q_CHUNK, scheduler="threads")
+    _, again = fit(EuclideanTrain(**base, seed=0), url, x, Q_CHUNK, scheduler="threads")
     np.testing.assert_array_equal(a.centres, again.centres)
 
 
@@ -330,7 +338,7 @@ def test_ragged_last_block_smaller_than_k_visited_first(tmp_path):
     url = write_store(str(tmp_path / "e.zarr"), x, 512)  # blocks of 512, last one 452 rows
     seeds = [s for s in range(50) if np.random.default_rng(s).permutation(5)[0] == 4]
     assert seeds, "some seed must draw the short block first in a plain permutation"
-    cfg = TrainConfig(n_clusters=500, seed=seeds[0], init_projection_dim=None)
+    cfg = EuclideanTrain(n_clusters=500, seed=seeds[0], init_projection_dim=None)
     plan = plan_training(cfg, 2500, 8, 512, 1)
     assert plan.block_orders[0][0] != 4 and sorted(plan.block_orders[0]) == list(range(5))
     (model,) = dask.compute(fit_centroids(cfg, plan, url), scheduler="synchronous")
@@ -339,4 +347,4 @@ def test_ragged_last_block_smaller_than_k_visited_first(tmp_path):
 
 def test_batch_size_smaller_than_k(tmp_path):
     with pytest.raises(ConfigError, match=r"train.batch_size must be >= train.n_clusters \(50\)"):
-        plan_training(TrainConfig(n_clusters=50, batch_size=32), 1000, 8, 500, 1)
+        plan_training(EuclideanTrain(n_clusters=50, batch_size=32), 1000, 8, 500, 1)

@@ -7,8 +7,6 @@ takes a table and returns reasons, so the checks are testable without files.
 from __future__ import annotations
 
 import csv
-import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,10 @@ RESERVED_COLUMNS = (
 )
 _OBJECT_KEY = ["username", "image_name", "idx"]
 _MAX_IDX = 2**53  # larger values do not survive the float parse exactly
-_BBOX_RULE = "a JSON list [x1, y1, x2, y2] of finite numbers with x1 <= x2 and y1 <= y2"
+_BBOX_RULE = (
+    "four finite numbers [x1, y1, x2, y2] (also x1,y1,x2,y2, (x1, y1, x2, y2) or "
+    "[x1 y1 x2 y2]) with x1 <= x2 and y1 <= y2"
+)
 
 
 def _parse_problem(path: Path, exc: pa.ArrowException) -> str:
@@ -101,18 +102,30 @@ def read_objects_csv(path: str) -> pd.DataFrame:
             f"Objects CSV {path} has column(s) {reserved}, which the pipeline adds to its "
             "outputs. Rename or drop them."
         )
-    try:
+    convert = pacsv.ConvertOptions(
+        column_types={c: pa.string() for c in header},
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+    )
+    try:  # the fast, parallel parse: fields without line breaks, each under a block
         table = pacsv.read_csv(
-            p,
-            parse_options=pacsv.ParseOptions(newlines_in_values=False),
-            convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in header},
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
+            p, parse_options=pacsv.ParseOptions(newlines_in_values=False), convert_options=convert
         )
-    except pa.ArrowException as exc:
-        raise InputError(f"Objects CSV {path} {_parse_problem(p, exc)}") from None
+    except pa.ArrowException:
+        # Legal CSV the fast parse refuses: quoted line breaks, or a field larger than a
+        # parse block. Read again with both allowed (one block: single-threaded, so only
+        # files that need it pay); what still fails is a malformed file.
+        try:
+            table = pacsv.read_csv(
+                p,
+                read_options=pacsv.ReadOptions(
+                    block_size=max(1 << 20, min(p.stat().st_size + 1, (1 << 31) - 1))
+                ),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                convert_options=convert,
+            )
+        except pa.ArrowException as exc:
+            raise InputError(f"Objects CSV {path} {_parse_problem(p, exc)}") from None
     if table.column_names != header:
         raise InputError(
             f"Objects CSV {path}: the header cannot be read consistently "
@@ -124,14 +137,7 @@ def read_objects_csv(path: str) -> pd.DataFrame:
 
 
 def _is_bbox(text: str) -> bool:
-    try:
-        box = json.loads(text)
-        if not isinstance(box, list) or len(box) != 4 or any(isinstance(v, bool) for v in box):
-            return False
-        x1, y1, x2, y2 = (float(v) for v in box)
-    except (ValueError, TypeError, OverflowError, RecursionError):
-        return False
-    return all(math.isfinite(v) for v in (x1, y1, x2, y2)) and x2 >= x1 and y2 >= y1
+    return schema.parse_bbox(text) is not None
 
 
 _JSON_NUMBER = r"\s*(?P<{}>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*"
