@@ -324,8 +324,13 @@ def read_inside(path: str, root: str) -> bytes:
         if not _inside(target, root):
             raise PathOutsideRoot(path) from None
         fd = os.open(target, flags)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(path)
+        data = os.read(fd, st.st_size)  # raw reads: no buffered file object per file
+        while more := os.read(fd, 1 << 16):  # a file that grew since fstat
+            data += more
+        return data
+    finally:
         os.close(fd)
-        raise NotRegularFile(path)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
