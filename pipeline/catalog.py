@@ -35,6 +35,7 @@ class Catalog:
     staging: str
     store: str
     objects: str
+    embedding_files: str
     rejects: str
     ingest_summary: str
     model: str
@@ -67,6 +68,7 @@ class Catalog:
             staging=staging,
             store=at("embeddings.zarr"),
             objects=at("objects.parquet"),
+            embedding_files=at("embedding_files.parquet"),
             rejects=at("rejects.parquet"),
             ingest_summary=at("ingest.json"),
             model=at("model"),

@@ -64,6 +64,7 @@ class IngestConfig(_Section):
     on_bad_object: Literal["reject", "fail"] = "reject"
     keep_memmap: bool = False
     shuffle_seed: int | None = None
+    fingerprint: Literal["stat", "content"] = "stat"
 
 
 class TrainConfig(_Section):

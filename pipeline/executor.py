@@ -97,6 +97,65 @@ def _connect(address: str, timeout_s: float) -> Any:
         ) from None
 
 
+#: Packages whose versions must match between the client and every worker: they shape
+#: the results or the pickled objects that travel between them.
+MATCHED_PACKAGES = ("embedding-clusters", "numpy", "scikit-learn", "zarr", "dask", "distributed")
+
+
+def check_workers(client: Any, timeout_s: float) -> None:
+    """Every worker must import this package with the client's package versions.
+
+    Raises :class:`SchedulerError` in one line naming the first worker and what is missing
+    or different, instead of tasks that fail (or wait) on the workers only.
+    """
+    try:
+        client.wait_for_workers(1, timeout=timeout_s)
+    except (TimeoutError, OSError):
+        raise SchedulerError(
+            f"The dask scheduler at {client.scheduler.address} has no worker after "
+            f"{timeout_s:g} s. Start workers with 'dask worker <address>'."
+        ) from None
+    packages = MATCHED_PACKAGES
+
+    def environment() -> dict[str, str | None]:
+        # Defined here so that it is pickled by value: it must run on a worker that
+        # cannot import this package (which is what it finds out).
+        from importlib import import_module
+        from importlib.metadata import PackageNotFoundError, version
+
+        found: dict[str, str | None] = {}
+        for name in packages:
+            try:
+                found[name] = version(name)
+            except PackageNotFoundError:
+                found[name] = None
+        try:
+            import_module("pipeline.train")
+        except Exception as exc:  # noqa: BLE001 - any failure to import is the finding
+            found["import_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        return found
+
+    reports = client.run(environment)
+    mine = environment()
+    for worker, found in sorted(reports.items()):
+        if found.get("import_error") or found.get("embedding-clusters") is None:
+            why = found.get("import_error") or "not installed"
+            raise SchedulerError(
+                f"Worker {worker} cannot import the pipeline package ({why}). Install it on "
+                "every worker (README: 'Workers need the package') and restart the workers."
+            )
+        different = [
+            f"{name} {found.get(name)} (client {mine[name]})"
+            for name in MATCHED_PACKAGES
+            if found.get(name) != mine[name]
+        ]
+        if different:
+            raise SchedulerError(
+                f"Worker {worker} runs {', '.join(different)}. Install the client's versions "
+                "on every worker: mixed versions can give different results."
+            )
+
+
 def return_large_blocks_to_os(threshold_bytes: int = 4 << 20) -> None:
     """Serve allocations above ``threshold_bytes`` with mmap, so freed blocks leave RSS.
 
@@ -160,6 +219,7 @@ def open_executor(
         return
     client = _connect(scheduler, cfg.connect_timeout_s)
     try:
+        check_workers(client, cfg.connect_timeout_s)
         if verbose:
             print(f"dask dashboard: {client.dashboard_link}", flush=True)
         cores = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values()) or 1

@@ -25,12 +25,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from . import store
 from .catalog import Catalog, run_metadata
 from .config import Config
 from .context import StageContext
 from .errors import (
+    InputError,
     InterruptedRunError,
     MissingInputError,
     OutputError,
@@ -81,35 +83,42 @@ class StageStatus:
 # --------------------------------------------------------------------------- fingerprints
 
 
-def tree_fingerprint(root: str) -> str:
-    """Hash of the path, size and mtime of every file under ``root`` (one ``stat`` each)."""
-    digest = hashlib.sha256()
-    for folder, subfolders, names in os.walk(root):
-        subfolders.sort()
-        for name in sorted(names):
-            try:
-                st = os.stat(os.path.join(folder, name))
-            except OSError:  # a dangling link: its absence is what counts
-                digest.update(f"{folder}/{name}\0missing\n".encode())
-                continue
-            digest.update(f"{folder}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
 def file_fingerprint(path: str | None) -> Any:
-    """What identifies an input's contents: a content hash for small files, size and
-    mtime for large ones, a tree fingerprint for folders, ``None`` when absent."""
+    """What identifies an input file's contents: a content hash for small files, size and
+    mtime for large ones, ``None`` when absent."""
     if not path:
         return None
     p = Path(path)
-    if p.is_dir():
-        return tree_fingerprint(path)
     if not p.is_file():
         return None
     st = p.stat()
     if st.st_size <= _CONTENT_HASH_BYTES:
         return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
     return [st.st_size, st.st_mtime_ns]
+
+
+def named_files_fingerprint(list_url: str, mode: str) -> str | None:
+    """Fingerprint of the embedding files the ingest read (listed in ``list_url``): their
+    size and mtime (``stat``) or their bytes (``content``); ``None`` without a list.
+
+    Only the files the CSV names count, so unrelated files under the root change nothing.
+    """
+    if not Path(list_url).is_file():
+        return None
+    paths = pq.read_table(list_url, columns=["path"]).column("path").to_pylist()
+    digest = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        try:
+            if mode == "content":
+                with open(path, "rb") as handle:
+                    digest.update(hashlib.blake2b(handle.read(), digest_size=16).digest())
+            else:
+                st = os.stat(path)
+                digest.update(f"{st.st_size}\0{st.st_mtime_ns}".encode())
+        except OSError:
+            digest.update(b"missing")
+        digest.update(path.encode() + b"\n")
+    return f"{mode}:{digest.hexdigest()}"
 
 
 def _config_value(dumped: dict, key: str) -> Any:
@@ -125,12 +134,21 @@ def _input_paths(cfg: Config, stage: Stage) -> dict[str, str | None]:
     return paths
 
 
+def _input_fingerprint(cfg: Config, catalog: Catalog, key: str, path: str | None) -> Any:
+    if key == "input.embeddings_root":  # per-image files: the ones the CSV names
+        return named_files_fingerprint(catalog.embedding_files, cfg.ingest.fingerprint)
+    return file_fingerprint(path)
+
+
 def stage_record(cfg: Config, plan: RunPlan, stage: Stage, upstream_key: str | None) -> dict:
     """What the stage's outputs are made from, as stored in its marker."""
     dumped = cfg.model_dump(mode="json")
     return {
         "config": {key: _config_value(dumped, key) for key in stage.depends_on},
-        "inputs": {key: file_fingerprint(p) for key, p in _input_paths(cfg, stage).items()},
+        "inputs": {
+            key: _input_fingerprint(cfg, plan.catalog, key, path)
+            for key, path in _input_paths(cfg, stage).items()
+        },
         "derived": {name: getattr(plan, name) for name in stage.derived},
         "upstream": upstream_key or "",
     }
@@ -285,6 +303,8 @@ def run(
     """
     plan = plan or plan_run(cfg, stages)
     catalog = plan.catalog
+    for warning in plan.warnings:
+        log.warning("%s", warning)
     if "ingest" in plan.stages:
         check_inputs(cfg)
     store.check_writable(catalog.root, "output.dir")
@@ -361,6 +381,17 @@ def _run_locked(cfg: Config, plan: RunPlan, force: bool, verbose: bool) -> RunRe
             function = stage.load()  # imports its module: not part of the stage's time
             with timed(name, result.timings), _one_line_faults(name):
                 out = function(context, **sections)
+            # The inputs as the stage leaves them: an input that changed while the stage
+            # read it must not be marked as read; the list of the files it read is new.
+            after = stage_record(cfg, plan, stage, record["upstream"])
+            for input_key, before in record["inputs"].items():
+                if before is not None and after["inputs"][input_key] != before:
+                    raise InputError(
+                        f"{input_key} changed while {name} was reading it; rerun to read "
+                        "the new contents."
+                    )
+            record, key = after, record_key(name, after)
+            upstream_key = key
             if name == "postprocess":
                 result.funnel = out
             catalog.write_marker(

@@ -20,6 +20,7 @@ from pipeline.errors import MissingInputError, StageOrderError
 EXPECTED_NAMES = {
     "store": "embeddings.zarr",
     "objects": "objects.parquet",
+    "embedding_files": "embedding_files.parquet",
     "rejects": "rejects.parquet",
     "ingest_summary": "ingest.json",
     "model": "model",

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from distributed import Client
 
+from pipeline.errors import SchedulerError
 from pipeline.runner import run
 from pipeline.synthetic import make_demo_dataset
 from tests.conftest import config_for
@@ -136,3 +137,56 @@ def test_worker_killed_mid_stage_gives_the_same_output(
     assert killed.is_set(), "the worker was not killed during the stage"
     assert victim.wait(timeout=10) == -signal.SIGKILL
     assert digest(result.catalog.clusters_csv) == digest(local_run.catalog.clusters_csv)
+
+
+def test_a_worker_that_cannot_import_the_package_is_one_line(tmp_path, small_dataset):
+    # One healthy worker and one whose interpreter cannot import 'pipeline' (as on a
+    # machine where it was never installed): the run stops at connect, naming the worker.
+    cluster = HandStartedCluster(tmp_path, n_workers=1)
+    code = (
+        "import sys; sys.modules['pipeline'] = None\n"  # 'import pipeline' now fails
+        "from distributed.cli.dask_worker import main\n"
+        f"sys.argv = ['dask-worker', '{cluster.address}', '--nthreads', '1', '--no-nanny',"
+        " '--no-dashboard', '--memory-limit', '0']\nmain()"
+    )
+    broken = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        with Client(cluster.address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        cfg = config_for(small_dataset, tmp_path / "out", executor={"scheduler": cluster.address})
+        start = time.monotonic()
+        with pytest.raises(SchedulerError) as err:
+            run(cfg)
+        message = str(err.value)
+        assert "cannot import the pipeline package" in message and "\n" not in message
+        assert "Workers need the package" in message
+        assert time.monotonic() - start < 60
+    finally:
+        broken.terminate()
+        broken.wait(timeout=10)
+        cluster.close()
+
+
+def test_a_scheduler_without_workers_is_one_line(tmp_path, small_dataset):
+    port = free_port()
+    scheduler = subprocess.Popen(
+        [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        cfg = config_for(small_dataset, tmp_path / "out",
+                         executor={"scheduler": f"tcp://127.0.0.1:{port}", "connect_timeout_s": 5})  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:  # the scheduler needs a moment to listen
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        with pytest.raises(SchedulerError, match="has no worker after 5 s"):
+            run(cfg)
+    finally:
+        scheduler.terminate()
+        scheduler.wait(timeout=10)

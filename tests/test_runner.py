@@ -8,6 +8,7 @@ its words, then that a real rerun does exactly that.
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 from pathlib import Path
 
@@ -167,3 +168,40 @@ def test_nothing_is_created_before_the_inputs_check_out(small_dataset, tmp_path)
     with pytest.raises(MissingInputError, match=str(tmp_path / "missing.csv")):
         run(cfg)
     assert not out.exists()
+
+
+def test_only_the_embedding_files_the_csv_names_count(copy_of, small_dataset, tmp_path):
+    # A private copy of the embedding files, so they can be touched.
+    root = tmp_path / "emb"
+    shutil.copytree(small_dataset.embeddings_root, root)
+    cfg = with_values(copy_of, input={"embeddings_root": str(root)})
+    run(cfg)
+    assert all(up for up, _ in verdicts(cfg).values())
+    # An unrelated new file (or a dangling link) under the root changes nothing ...
+    (root / "notes.txt").write_text("unrelated")
+    (root / "dangling.npy").symlink_to(tmp_path / "nowhere.npy")
+    assert all(up for up, _ in verdicts(cfg).values())
+    # ... a named file rewritten does.
+    named = sorted(root.rglob("*.npy"))[0]
+    named.write_bytes(named.read_bytes())
+    os.utime(named, ns=(0, 10**18))
+    assert verdicts(cfg)["ingest"] == (False, ("the contents of input.embeddings_root changed",))
+
+
+def test_content_fingerprint_sees_a_rewrite_with_the_same_size_and_mtime(
+    copy_of, small_dataset, tmp_path
+):
+    root = tmp_path / "emb"
+    shutil.copytree(small_dataset.embeddings_root, root)
+    cfg = with_values(copy_of, input={"embeddings_root": str(root)},
+                      ingest={"fingerprint": "content"})  # fmt: skip
+    run(cfg)
+    named = sorted(root.rglob("*.npy"))[0]
+    st = named.stat()
+    data = bytearray(named.read_bytes())
+    data[-1] ^= 1  # same size, then the old mtime restored
+    named.write_bytes(bytes(data))
+    os.utime(named, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert verdicts(cfg)["ingest"] == (False, ("the contents of input.embeddings_root changed",))
+    stat_cfg = with_values(cfg, ingest={"fingerprint": "stat"})
+    assert "ingest.fingerprint changed" in verdicts(stat_cfg)["ingest"][1][0]

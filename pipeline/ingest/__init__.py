@@ -37,6 +37,7 @@ from .embeddings import (
     infer_dim,
     open_matrix,
     open_memmap,
+    recording_paths,
 )
 from .objects import read_objects_csv, rejects_frame, validate_rows
 
@@ -133,10 +134,18 @@ def ingest_objects(
     if input.embeddings_matrix:
         emb_reasons, emb_details = fill_memmap_from_matrix(candidates, matrix, memmap, progress)
     else:
+        read_paths: list[str] = []
         emb_reasons, emb_details = fill_memmap_from_files(
-            files.batches(FILES_PER_TASK), len(files), len(candidates), memmap, dim, progress
-        )
+            recording_paths(files.batches(FILES_PER_TASK), read_paths),
+            len(files), len(candidates), memmap, dim, progress,
+        )  # fmt: skip
         del files  # it shares columns with the table
+        # The files the CSV names: what a rerun fingerprints to notice a changed input.
+        sinks.write_parquet(
+            pa.table({"path": pa.array(read_paths, pa.string())}), catalog.embedding_files,
+            pa.schema([("path", pa.string())]),
+        )  # fmt: skip
+        del read_paths
     memmap.flush()
 
     late = rejects_frame(candidates[schema.SOURCE_ROW], candidates, emb_reasons, emb_details)

@@ -287,6 +287,15 @@ def bounded_map(pool: ThreadPoolExecutor, fn, items: Iterator, ahead: int) -> It
         yield pending.popleft().result()
 
 
+def recording_paths(
+    batches: Iterator[list[_FileJob]], paths: list[str]
+) -> Iterator[list[_FileJob]]:
+    """Pass ``batches`` through, appending each file's path to ``paths``."""
+    for batch in batches:
+        paths.extend(job.path for job in batch)
+        yield batch
+
+
 def fill_memmap_from_files(
     batches: Iterator[list[_FileJob]], n_files: int, n_rows: int, memmap: np.memmap, dim: int,
     progress: bool,
