@@ -155,34 +155,20 @@ def worker_ours(data: Path, out: Path, args, metric: str | None = None) -> None:
     )
 
 
-def worker_faiss(data: Path, out: Path, args) -> None:
+def worker_faiss(data: Path, out: Path, args, spherical: bool = False) -> None:
+    """faiss ``Kmeans``, 20 iterations, in memory; with ``spherical``, spherical k-means on
+    L2-normalised rows (what issue 11 measured)."""
     import faiss
 
     t = time.perf_counter()
     x = np.array(_memmap(data))
     load = time.perf_counter() - t
     t = time.perf_counter()
-    km = faiss.Kmeans(x.shape[1], args.k, niter=20, seed=args.seed, verbose=False)
-    km.train(x)
-    fit = time.perf_counter() - t
-    t = time.perf_counter()
-    labels, sims = _batched_predict(
-        x, km.centroids, lambda b: km.index.search(b, 1)[1][:, 0], batch=8192
+    if spherical:
+        faiss.normalize_L2(x)
+    km = faiss.Kmeans(
+        x.shape[1], args.k, niter=20, seed=args.seed, spherical=spherical, verbose=False
     )
-    predict = time.perf_counter() - t
-    _save(out, {"load": load, "fit": fit, "predict": predict}, km.centroids, labels, sims)
-
-
-def worker_faiss_spherical(data: Path, out: Path, args) -> None:
-    """faiss spherical k-means on L2-normalised rows (what the issue measured)."""
-    import faiss
-
-    t = time.perf_counter()
-    x = np.array(_memmap(data))
-    load = time.perf_counter() - t
-    t = time.perf_counter()
-    faiss.normalize_L2(x)
-    km = faiss.Kmeans(x.shape[1], args.k, niter=20, seed=args.seed, spherical=True, verbose=False)
     km.train(x)
     fit = time.perf_counter() - t
     t = time.perf_counter()
@@ -235,7 +221,7 @@ WORKERS = {
     "ours_cosine": lambda d, o, a: worker_ours(d, o, a, "cosine"),
     "mbk3": worker_mbk3,
     "faiss": worker_faiss,
-    "faiss_sph": worker_faiss_spherical,
+    "faiss_sph": lambda d, o, a: worker_faiss(d, o, a, spherical=True),
     "sklearn": worker_sklearn,
 }
 
