@@ -182,7 +182,7 @@ def test_only_the_embedding_files_the_csv_names_count(copy_of, small_dataset, tm
     (root / "dangling.npy").symlink_to(tmp_path / "nowhere.npy")
     assert all(up for up, _ in verdicts(cfg).values())
     # ... a named file rewritten does.
-    named = sorted(root.rglob("*.npy"))[0]
+    named = sorted(root.glob("*/embeddings/*.npy"))[0]
     named.write_bytes(named.read_bytes())
     os.utime(named, ns=(0, 10**18))
     assert verdicts(cfg)["ingest"] == (False, ("the contents of input.embeddings_root changed",))
@@ -196,7 +196,7 @@ def test_content_fingerprint_sees_a_rewrite_with_the_same_size_and_mtime(
     cfg = with_values(copy_of, input={"embeddings_root": str(root)},
                       ingest={"fingerprint": "content"})  # fmt: skip
     run(cfg)
-    named = sorted(root.rglob("*.npy"))[0]
+    named = sorted(root.glob("*/embeddings/*.npy"))[0]
     st = named.stat()
     data = bytearray(named.read_bytes())
     data[-1] ^= 1  # same size, then the old mtime restored
