@@ -103,7 +103,8 @@ def postprocess_stage(context: StageContext, postprocess: PostprocessConfig) -> 
     """Stage 4: label every assignment, write the selected rows (CSV and Parquet), the
     post-processed table, the cluster summary and the funnel; returns the funnel."""
     catalog, ex = context.catalog, context.executor
-    n_clusters = len(catalog.read_centres())
+    centres = catalog.read_centres()
+    n_clusters = len(centres)
     keys = dd.read_parquet(catalog.assignments, columns=key_columns(postprocess))
     statuses = ex.compute(
         apply_postprocessing(postprocess, keys)[[schema.OBJECT_ID, schema.STATUS]],
@@ -132,7 +133,7 @@ def postprocess_stage(context: StageContext, postprocess: PostprocessConfig) -> 
     )  # fmt: skip
     del kept
     table = sinks.read_parquet(catalog.postprocessed, columns=list(summarize.SUMMARY_COLUMNS))
-    summary = summarize.cluster_summary(table, n_clusters)
+    summary = summarize.cluster_summary(table, centres)
     sinks.write_parquet(summary, catalog.cluster_summary, schema.CLUSTER_SUMMARY_SCHEMA, metadata)
     info = catalog.read_ingest_summary()
     funnel = summarize.funnel(info["n_input_rows"], info["rejected"], table)

@@ -167,6 +167,18 @@ CLUSTER_SUMMARY_SCHEMA = pa.schema(
         pa.field("mean_sim_final", pa.float64()),
         pa.field("dominant_tags", pa.string()),
         pa.field("kept", pa.bool_(), nullable=False),
+        # Health (pipeline.summarize.cluster_health), over every member assigned:
+        pa.field("n_users", pa.int64(), nullable=False),
+        pa.field("top_user", pa.string()),
+        pa.field("top_user_share", pa.float64()),
+        pa.field("sim_min", pa.float64()),
+        pa.field("sim_median", pa.float64()),
+        pa.field("sim_std", pa.float64()),
+        pa.field("nearest_cluster", pa.int32()),
+        pa.field("nearest_cos", pa.float64()),
+        pa.field("single_user", pa.bool_(), nullable=False),
+        pa.field("sink", pa.bool_(), nullable=False),
+        pa.field("near_duplicate_of", pa.int32()),
     ]
 )
 

@@ -13,7 +13,16 @@ import pandas as pd
 from . import schema
 
 #: Columns of the post-processed table the summary tables need.
-SUMMARY_COLUMNS = ("object_id", "cluster", "sim", "dist", "tag", "status")
+SUMMARY_COLUMNS = ("object_id", "cluster", "sim", "dist", "tag", "username", "status")
+
+#: Health flag thresholds (documented in the README): a cluster is ``single_user`` when
+#: one user holds more than this share of its members; ``near_duplicate_of`` another when
+#: their centres' cosine is at least this; a ``sink`` when it has at least ``SINK_SIZE``
+#: times the median members with a mean cosine under ``SINK_SIM`` times the median one
+#: (the same rule the cosine fit uses to split sinks while it streams).
+SINGLE_USER_SHARE = 0.5
+NEAR_DUPLICATE_COS = 0.95
+SINK_SIZE, SINK_SIM = 2.0, 0.5
 
 
 def dominant_tags(tags: pd.Series, top: int = 3) -> str:
@@ -28,8 +37,75 @@ def dominant_tags(tags: pd.Series, top: int = 3) -> str:
     return ", ".join(f"{tag} {share:.0%}" for tag, share in shares.items())
 
 
-def cluster_summary(labelled: pd.DataFrame, n_clusters: int) -> pd.DataFrame:
-    """One row per cluster id ``0..n_clusters-1``: sizes after each step, means, tags."""
+def centre_neighbours(centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each centre, the other centre of largest cosine and that cosine (ties: lowest id).
+
+    >>> c = np.array([[1, 0], [1, 0.1], [0, 1]], dtype=np.float32)
+    >>> nearest, cos = centre_neighbours(c)
+    >>> nearest.tolist(), np.round(cos, 3).tolist()
+    ([1, 0, 1], [0.995, 0.995, 0.1])
+    """
+    unit = np.asarray(centres, dtype=np.float64)
+    norms = np.linalg.norm(unit, axis=1, keepdims=True)
+    unit = np.divide(unit, norms, out=np.zeros_like(unit), where=norms > 0)
+    cos = unit @ unit.T
+    np.fill_diagonal(cos, -np.inf)
+    if len(cos) < 2:
+        return np.full(len(cos), -1, np.int32), np.full(len(cos), np.nan)
+    nearest = np.argmax(cos, axis=1)
+    return nearest.astype(np.int32), cos[np.arange(len(cos)), nearest]
+
+
+def cluster_health(labelled: pd.DataFrame, centres: np.ndarray) -> pd.DataFrame:
+    """Per cluster: its users, the spread of its cosines, its nearest cluster, and flags.
+
+    Over all members the cluster was assigned (before post-processing): distinct users,
+    the top user (ties: alphabetical) and its share, min / median / mean / standard
+    deviation (ddof 0) of ``sim``; the nearest other centre by cosine; flags
+    ``single_user``, ``sink`` and ``near_duplicate_of`` (see the thresholds above).
+    """
+    ids = pd.RangeIndex(len(centres), name="cluster")
+    by = labelled.groupby("cluster")
+    users = labelled.groupby(["cluster", "username"]).size().rename("n").reset_index()
+    users = users.sort_values(["cluster", "n", "username"], ascending=[True, False, True])
+    top = users.drop_duplicates("cluster").set_index("cluster")
+    sizes = by.size().reindex(ids, fill_value=0)
+    sim = by["sim"]
+    health = pd.DataFrame(
+        {
+            "n_users": users.groupby("cluster").size().reindex(ids, fill_value=0),
+            "top_user": top["username"].reindex(ids),
+            "top_user_share": (top["n"] / sizes.reindex(top.index)).reindex(ids),
+            "sim_min": sim.min().reindex(ids),
+            "sim_median": sim.median().reindex(ids),
+            "sim_std": sim.std(ddof=0).reindex(ids),
+        }
+    )
+    nearest, nearest_cos = centre_neighbours(centres)
+    health["nearest_cluster"] = nearest
+    health["nearest_cos"] = nearest_cos
+    health["single_user"] = (health["top_user_share"] > SINGLE_USER_SHARE).to_numpy()
+    mean_sim = sim.mean().reindex(ids)
+    alive = sizes > 0
+    health["sink"] = (
+        alive
+        & (sizes >= SINK_SIZE * sizes[alive].median())
+        & (mean_sim < SINK_SIM * mean_sim[alive].median())
+    ).to_numpy() if alive.any() else False
+    duplicate = nearest_cos >= NEAR_DUPLICATE_COS
+    health["near_duplicate_of"] = pd.array(np.where(duplicate, nearest, 0), dtype="Int32")
+    health.loc[~duplicate, "near_duplicate_of"] = pd.NA
+    health["n_users"] = health["n_users"].astype("int64")
+    health["top_user"] = health["top_user"].fillna("").astype(str)
+    for column in ("top_user_share", "sim_min", "sim_median", "sim_std", "nearest_cos"):
+        health[column] = health[column].astype("float64")
+    return health.reset_index(drop=True)
+
+
+def cluster_summary(labelled: pd.DataFrame, centres: np.ndarray) -> pd.DataFrame:
+    """One row per cluster id ``0..k-1`` (``centres`` is ``(k, n_features)``): sizes after
+    each step, means, tags, and the :func:`cluster_health` columns."""
+    n_clusters = len(centres)
     status = labelled[schema.STATUS]
     clusters = labelled["cluster"]
     ids = pd.RangeIndex(n_clusters, name="cluster")
@@ -55,7 +131,7 @@ def cluster_summary(labelled: pd.DataFrame, n_clusters: int) -> pd.DataFrame:
     for col in ("mean_sim", "mean_dist", "mean_sim_final"):
         summary[col] = summary[col].astype("float64")
     summary["kept"] = summary["size_final"] > 0
-    return summary
+    return pd.concat([summary, cluster_health(labelled, centres)], axis=1)
 
 
 def funnel(n_input_rows: int, rejected: dict[str, int], labelled: pd.DataFrame) -> pd.DataFrame:

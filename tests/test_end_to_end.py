@@ -184,3 +184,22 @@ def test_output_csv_is_sorted_by_cluster_then_descending_similarity(finished_run
     parquet = sinks.read_parquet(result.catalog.clusters_parquet)
     keys = list(zip(csv["cluster"], -csv["sim"], parquet["object_id"], strict=True))
     assert keys == sorted(keys)
+
+
+def test_cluster_health_columns_match_the_assignment_table(finished_run):
+    # Independent pandas reading of the post-processed table and numpy of the centres.
+    _, result = finished_run
+    cat = result.catalog
+    summary = sinks.read_parquet(cat.cluster_summary).set_index("cluster")
+    table = sinks.read_parquet(cat.postprocessed, columns=["cluster", "username", "sim"])
+    for cluster, members in table.groupby("cluster"):
+        counts = members["username"].value_counts()
+        row = summary.loc[cluster]
+        assert row["n_users"] == len(counts)
+        assert row["top_user_share"] == pytest.approx(counts.iloc[0] / len(members))
+        assert row["sim_min"] == pytest.approx(members["sim"].min())
+    centres = cat.read_centres().astype(np.float64)
+    unit = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    np.fill_diagonal(cos, -2)
+    assert summary["nearest_cluster"].tolist() == cos.argmax(1).tolist()

@@ -147,6 +147,8 @@ def test_table_schemas_field_order_and_types():
     assert schema.CLUSTER_SUMMARY_SCHEMA.names == [
         "cluster", "size", "size_after_dedupe", "size_after_similarity", "size_final",
         "mean_sim", "mean_dist", "mean_sim_final", "dominant_tags", "kept",
+        "n_users", "top_user", "top_user_share", "sim_min", "sim_median", "sim_std",
+        "nearest_cluster", "nearest_cos", "single_user", "sink", "near_duplicate_of",
     ]  # fmt: skip
     assert schema.STATUS_ORDER == (
         "removed:duplicate_image", "removed:low_similarity", "removed:small_cluster", "kept"
@@ -189,13 +191,14 @@ def _written_schema(tmp_path: Path, frame: pd.DataFrame, target: pa.Schema) -> p
 
 
 def test_sinks_write_every_table_with_its_schema(tmp_path):
-    labelled = _assigned(4).assign(tag=["a", "a", "b", "c"])
+    labelled = _assigned(4).assign(tag=["a", "a", "b", "c"], username=["u", "u", "v", "w"])
     cases = [
         (_objects(), schema.OBJECTS_SCHEMA),
         (_assigned(), schema.ASSIGNMENTS_SCHEMA),
         (_assigned()[list(schema.CLUSTERS_SCHEMA.names)], schema.CLUSTERS_SCHEMA),
         (_assigned().assign(group="g")[list(schema.GROUPS_SCHEMA.names)], schema.GROUPS_SCHEMA),
-        (summarize.cluster_summary(labelled, 6), schema.CLUSTER_SUMMARY_SCHEMA),
+        (summarize.cluster_summary(labelled, np.eye(6, dtype=np.float32)),
+         schema.CLUSTER_SUMMARY_SCHEMA),
         (summarize.funnel(4, {}, labelled), schema.FUNNEL_SCHEMA),
         (
             rejects_frame(

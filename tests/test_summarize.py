@@ -18,7 +18,9 @@ The labelled table (10 rows, clusters 0..4 of k = 5):
 =====  =======  =====  ====  ====  =======================
 
 Cluster 3 has no row (empty); cluster 4 loses every row; 0 and 1 tie on the final size
-and 1, 2 and 4 on the size before post-processing.
+and 1, 2 and 4 on the size before post-processing. Users: cluster 0 u1, u1, u2, u1;
+cluster 1 u4, u3; cluster 2 u5, u5; cluster 4 u7, u6. Centres (2-d): c0 (1, 0),
+c1 (1, 0.05), c2 (0, 1), c3 (-1, 0), c4 (0, -1).
 """
 
 from __future__ import annotations
@@ -47,13 +49,17 @@ def labelled() -> pd.DataFrame:
             "dist": np.array([1.0, 2.0, 3.0, 4.0, 0.5, 1.5, 1.0, 2.0, 1.0, 3.0]),
             "tag": ["shoe", "shoe", "bag", "shoe", "bag", "bag", "face", "face", "hat", "shoe"],
             "status": [KEPT, KEPT, DUP, LOW, KEPT, KEPT, SMALL, LOW, DUP, SMALL],
+            "username": ["u1", "u1", "u2", "u1", "u4", "u3", "u5", "u5", "u7", "u6"],
         }
     )
 
 
+CENTRES = np.array([[1, 0], [1, 0.05], [0, 1], [-1, 0], [0, -1]], dtype=np.float32)
+
+
 @pytest.fixture
 def summary(labelled) -> pd.DataFrame:
-    return summarize.cluster_summary(labelled, n_clusters=5)
+    return summarize.cluster_summary(labelled, CENTRES)
 
 
 # ----------------------------------------------------------------------------- dominant tags
@@ -104,17 +110,53 @@ def test_cluster_summary_hand_computed(summary):
     for col in ("size", "size_after_dedupe", "size_after_similarity", "size_final"):
         expected[col] = expected[col].astype("int64")
     assert list(summary.columns) == schema.CLUSTER_SUMMARY_SCHEMA.names
-    pd.testing.assert_frame_equal(summary.drop(columns="dominant_tags"),
+    got = summary[list(expected.columns)]
+    pd.testing.assert_frame_equal(got.drop(columns="dominant_tags"),
                                   expected.drop(columns="dominant_tags"), atol=1e-12)  # fmt: skip
     assert summary["dominant_tags"].tolist() == expected["dominant_tags"].tolist()
+
+
+def test_cluster_health_hand_computed(summary):
+    nan = np.nan
+    c01 = 1 / np.sqrt(1 + 0.05**2)  # cosine of c0 and c1
+    c12 = 0.05 / np.sqrt(1 + 0.05**2)  # cosine of c1 and c2
+    assert summary["n_users"].tolist() == [2, 2, 1, 0, 2]
+    assert summary["top_user"].tolist() == ["u1", "u3", "u5", "", "u6"]  # ties: alphabetical
+    np.testing.assert_allclose(summary["top_user_share"], [0.75, 0.5, 1.0, nan, 0.5])
+    np.testing.assert_allclose(summary["sim_min"], [0.6, 0.75, 0.5, nan, 0.7])
+    np.testing.assert_allclose(summary["sim_median"], [0.8, 0.85, 0.7, nan, 0.71])
+    # population standard deviation: c0 sqrt(((.125)^2 + 2 (.025)^2 + (.175)^2) / 4)
+    np.testing.assert_allclose(summary["sim_std"], [np.sqrt(0.011875), 0.1, 0.2, nan, 0.01])
+    # nearest centres; c3 ties c2 and c4 at cosine 0 (lowest id), c4 ties c0 and c3
+    assert summary["nearest_cluster"].tolist() == [1, 0, 1, 2, 0]
+    np.testing.assert_allclose(summary["nearest_cos"], [c01, c01, c12, 0.0, 0.0], atol=1e-7)
+    assert summary["single_user"].tolist() == [True, False, True, False, False]
+    assert summary["near_duplicate_of"].tolist() == [1, 0, pd.NA, pd.NA, pd.NA]
+    assert not summary["sink"].any()
+
+
+def test_a_sink_is_large_with_a_low_mean_cosine():
+    # Four clusters of 2 rows around cosine 0.9 and one of 8 rows around 0.3: the sink.
+    sims = [0.9, 0.92] * 4 + [0.3] * 8
+    clusters = [0, 0, 1, 1, 2, 2, 3, 3] + [4] * 8
+    table = pd.DataFrame({"object_id": np.arange(16), "cluster": np.array(clusters, np.int32),
+                          "sim": sims, "dist": 0.0, "tag": "t", "status": KEPT,
+                          "username": [f"u{i}" for i in range(16)]})  # fmt: skip
+    centres = np.eye(5, dtype=np.float32)
+    out = summarize.cluster_summary(table, centres)
+    assert out["sink"].tolist() == [False, False, False, False, True]
+    # Large alone is not a sink, nor is a low cosine alone.
+    table.loc[table["cluster"] == 4, "sim"] = 0.9
+    assert not summarize.cluster_summary(table, centres)["sink"].any()
 
 
 def test_cluster_summary_of_nothing():
     empty = pd.DataFrame(
         {"object_id": [], "cluster": np.array([], np.int32), "sim": [], "dist": [],
-         "tag": pd.Series([], dtype=object), "status": pd.Series([], dtype=object)}
+         "tag": pd.Series([], dtype=object), "status": pd.Series([], dtype=object),
+         "username": pd.Series([], dtype=object)}
     )  # fmt: skip
-    out = summarize.cluster_summary(empty, n_clusters=3)
+    out = summarize.cluster_summary(empty, np.eye(3, dtype=np.float32))
     assert out["cluster"].tolist() == [0, 1, 2]
     assert out["size"].tolist() == [0, 0, 0] and not out["kept"].any()
     assert out["mean_sim"].isna().all() and out["dominant_tags"].tolist() == ["", "", ""]
