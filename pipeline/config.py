@@ -62,6 +62,7 @@ class IngestConfig(_Section):
     chunk_rows: PositiveInt = 8192
     compression: Literal["none", "lz4", "zstd"] = "none"
     on_bad_object: Literal["reject", "fail"] = "reject"
+    on_bad_bbox: Literal["keep", "reject"] = "keep"
     keep_memmap: bool = False
     shuffle_seed: int | None = None
     fingerprint: Literal["stat", "content"] = "stat"

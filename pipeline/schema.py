@@ -102,6 +102,8 @@ OBJECTS_SCHEMA = pa.schema(
         pa.field("score", pa.float64()),
         pa.field("idx", pa.int64()),
         pa.field("image_name", pa.string()),
+        # False when bbox could not be read (kept with ingest.on_bad_bbox: keep).
+        pa.field("bbox_ok", pa.bool_(), nullable=False),
     ]
 )
 

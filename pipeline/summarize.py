@@ -88,10 +88,14 @@ def cluster_health(labelled: pd.DataFrame, centres: np.ndarray) -> pd.DataFrame:
     mean_sim = sim.mean().reindex(ids)
     alive = sizes > 0
     health["sink"] = (
-        alive
-        & (sizes >= SINK_SIZE * sizes[alive].median())
-        & (mean_sim < SINK_SIM * mean_sim[alive].median())
-    ).to_numpy() if alive.any() else False
+        (
+            alive
+            & (sizes >= SINK_SIZE * sizes[alive].median())
+            & (mean_sim < SINK_SIM * mean_sim[alive].median())
+        ).to_numpy()
+        if alive.any()
+        else False
+    )
     duplicate = nearest_cos >= NEAR_DUPLICATE_COS
     health["near_duplicate_of"] = pd.array(np.where(duplicate, nearest, 0), dtype="Int32")
     health.loc[~duplicate, "near_duplicate_of"] = pd.NA

@@ -1,5 +1,6 @@
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -246,3 +247,24 @@ def test_legal_csv_with_huge_fields_and_quoted_line_breaks_is_read(tmp_path):
     assert len(table) == 3001
     assert table["note"].iloc[0] == "line one\nline two, with a comma"
     assert len(table["note"].iloc[-1]) == 5_000_000 and table["username"].iloc[-1] == "big"
+
+
+def test_a_bad_bbox_is_kept_and_flagged_by_default(small_dataset, tmp_path):
+    csv = pd.read_csv(small_dataset.objects_csv, dtype=str)
+    csv.loc[[3, 10], "bbox"] = ["[10, 20, 5", "not a box"]
+    path = tmp_path / "objects.csv"
+    csv.to_csv(path, index=False)
+    base = config_for(replace(small_dataset, objects_csv=path), tmp_path / "keep",
+                      train={"n_clusters": 5})  # fmt: skip
+    result, catalog = ingest_only(base)
+    assert result.n_rejected == 0  # clustered: the box is only for the report's crop
+    objects = sinks.read_parquet(catalog.objects).set_index("source_row")
+    assert sorted(objects.index[~objects["bbox_ok"]]) == [3, 10]
+    assert objects["bbox_ok"].sum() == len(objects) - 2
+    strict = base.model_copy(update={
+        "ingest": base.ingest.model_copy(update={"on_bad_bbox": "reject"}),
+        "output": base.output.model_copy(update={"dir": str(tmp_path / "reject")}),
+    })  # fmt: skip
+    result, catalog = ingest_only(strict)
+    rejects = sinks.read_parquet(catalog.rejects)
+    assert rejects["source_row"].tolist() == [3, 10] and set(rejects["reason"]) == {"bad_bbox"}

@@ -25,7 +25,7 @@ def stored(tmp_path):
     objects = pd.DataFrame({schema.OBJECT_ID: np.sort(ids), schema.SOURCE_ROW: np.sort(ids)})
     for column in ("batch_folder", "username", "res_name", "bbox", "tag", "image_name"):
         objects[column] = "v"
-    objects["score"], objects["idx"] = 0.5, 0
+    objects["score"], objects["idx"], objects["bbox_ok"] = 0.5, 0, True
     objects_url = str(tmp_path / "objects.parquet")
     sinks.write_object_parts(objects, ids, objects_url, 256, progress=False)
     centres = rng.standard_normal((9, 16)).astype(np.float32)

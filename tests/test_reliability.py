@@ -78,6 +78,7 @@ def write_config(
     """The test config for ``dataset`` as YAML; ``edit`` may change the raw mapping (even
     into something invalid, which is the point of some cases)."""
     data = config_for(dataset, out, train={"n_clusters": 15}).model_dump(mode="json")
+    data["ingest"]["on_bad_bbox"] = "reject"  # these cases count a bad bbox as a reject
     if edit is not None:
         edit(data)
     path = out.parent / "config.yaml"

@@ -126,7 +126,7 @@ def test_output_csv_fields_are_the_write_ups():
 def test_table_schemas_field_order_and_types():
     assert schema.OBJECTS_SCHEMA.names == [
         "object_id", "source_row", "batch_folder", "username", "res_name", "bbox", "tag",
-        "score", "idx", "image_name",
+        "score", "idx", "image_name", "bbox_ok",
     ]  # fmt: skip
     assert schema.ASSIGNMENTS_SCHEMA.names == [
         *schema.OBJECTS_SCHEMA.names, "cluster", "dist", "sim", "status"
@@ -171,6 +171,7 @@ def _objects(n: int = 3) -> pd.DataFrame:
             "score": np.linspace(0, 1, n),
             "idx": np.arange(n, dtype=np.int64),
             "image_name": [f"i{i}" for i in range(n)],
+            "bbox_ok": [True] * n,
         }
     )
 

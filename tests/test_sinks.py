@@ -62,6 +62,7 @@ def objects_frame() -> pd.DataFrame:
             "score": [0.5, 0.25, 1.0, 0.75, 0.125, 0.5, 0.0],
             "idx": np.array([0, 1, 0, 0, 1, 0, 2], dtype=np.int64),
             "image_name": ["i1", "i1", "i2", "i3", "i3", "i4", "i4"],
+            "bbox_ok": [True] * 7,
             "camera": ["x", "y", None, "x", "y", "x", "z"],  # extra: text
             "quality": [1.5, 2.5, 3.5, np.nan, 5.5, 6.5, 7.5],  # extra: float
         }

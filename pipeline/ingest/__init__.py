@@ -104,7 +104,7 @@ def ingest_objects(
     csv_path = input.objects_csv
     raw = read_objects_csv(csv_path)
     n_input_rows = len(raw)
-    typed, reasons, details = validate_rows(raw, select)
+    typed, reasons, details = validate_rows(raw, select, settings.on_bad_bbox)
     typed.insert(0, schema.SOURCE_ROW, np.arange(len(typed), dtype=np.int64))
     rejects = rejects_frame(typed[schema.SOURCE_ROW], raw, reasons.to_numpy(), details.to_numpy())
     _raise_on_bad_object(settings, csv_path, rejects)

@@ -24,6 +24,7 @@ RESERVED_COLUMNS = (
     schema.OBJECT_ID,
     schema.SOURCE_ROW,
     schema.STATUS,
+    "bbox_ok",
     *(f.name for f in schema.ASSIGNMENT_FIELDS),
 )
 _OBJECT_KEY = ["username", "image_name", "idx"]
@@ -195,7 +196,7 @@ def first_of_each_key(frame: pd.DataFrame) -> np.ndarray:
 
 
 def validate_rows(
-    raw: pd.DataFrame, select: SelectConfig
+    raw: pd.DataFrame, select: SelectConfig, on_bad_bbox: str = "reject"
 ) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
     """Type the columns and give each row a reject reason (empty string = fine).
 
@@ -225,10 +226,13 @@ def validate_rows(
         idx_ok = (idx_vals >= 0) & (idx_vals < _MAX_IDX) & (idx_vals == np.floor(idx_vals))
     explain(mark(~idx_ok, "bad_idx"), "idx", "an integer >= 0")
     bbox_ok = valid_bboxes(raw["bbox"])
-    explain(mark(~bbox_ok, "bad_bbox"), "bbox", _BBOX_RULE)
+    if on_bad_bbox == "reject":  # else kept: clustering never uses the box; flagged
+        explain(mark(~bbox_ok, "bad_bbox"), "bbox", _BBOX_RULE)
 
     # Copy-on-write: the new frame shares every unchanged column with ``raw``.
-    typed = raw.assign(score=score, idx=np.where(idx_ok, idx_vals, -1).astype("int64"))
+    typed = raw.assign(
+        score=score, idx=np.where(idx_ok, idx_vals, -1).astype("int64"), bbox_ok=bbox_ok
+    )
     clean = typed[reason == ""]
     first_row = pd.Series(clean.index.to_numpy()[first_of_each_key(clean)], index=clean.index)
     dup = mark((first_row != clean.index).reindex(raw.index, fill_value=False), "duplicate_object")
