@@ -30,8 +30,8 @@ RESERVED_COLUMNS = (
 _OBJECT_KEY = ["username", "image_name", "idx"]
 _MAX_IDX = 2**53  # larger values do not survive the float parse exactly
 _BBOX_RULE = (
-    "four finite numbers [x1, y1, x2, y2] (also x1,y1,x2,y2, (x1, y1, x2, y2) or "
-    "[x1 y1 x2 y2]) with x1 <= x2 and y1 <= y2"
+    "[x1, y1, x2, y2] (or x1,y1,x2,y2 / (x1, y1, x2, y2) / [x1 y1 x2 y2]) of finite "
+    "numbers, x1 <= x2, y1 <= y2"
 )
 
 
