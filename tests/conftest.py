@@ -82,3 +82,11 @@ def ingest_only(cfg: Config) -> tuple[IngestResult, Catalog]:
     catalog = Catalog.from_config(cfg.output)
     result = ingest_objects(cfg.input, cfg.select, cfg.ingest, shuffle_seed(cfg), catalog)
     return result, catalog
+
+
+def render_report(cfg: Config, n_workers: int = 1):
+    """Render the report of the run ``cfg`` describes (its groups file included)."""
+    from pipeline.report import write_report
+
+    return write_report(cfg.report, cfg.input, cfg.postprocess, Catalog.from_config(cfg),
+                        n_workers=n_workers, groups_file=cfg.report.groups_file)  # fmt: skip

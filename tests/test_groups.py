@@ -15,7 +15,7 @@ from pipeline.cli import app
 from pipeline.errors import InputError
 from pipeline.groups import GroupsSpec, assign_groups, check_groups
 from pipeline.runner import run
-from tests.conftest import config_for
+from tests.conftest import config_for, render_report
 
 runner = CliRunner()
 
@@ -209,20 +209,11 @@ def test_groups_command_without_a_file(finished, tmp_path):
 
 def test_report_shows_an_invalid_groups_file_without_failing(finished, tmp_path):
     config, paths, summary = finished
-    from pipeline import report
-    from pipeline.catalog import Catalog
     from pipeline.config import load_config
 
     groups_file = tmp_path / "g.yaml"
     groups_file.write_text("groups:\n  - name: a\n    clusters: [100000]\n")
     cfg = load_config(config, [f"report.groups_file={groups_file}"])
-    report.write_report(
-        cfg.report,
-        cfg.input,
-        cfg.postprocess,
-        Catalog.from_config(cfg),
-        n_workers=1,
-        groups_file=cfg.report.groups_file,
-    )
+    render_report(cfg, n_workers=1)
     index = (Path(paths.root) / "report" / "index.html").read_text(encoding="utf-8")
     assert "is not valid" in index and "no such cluster in the run" in index

@@ -18,10 +18,9 @@ import pytest
 from PIL import Image
 
 from pipeline import report, schema, sinks, summarize
-from pipeline.catalog import Catalog
 from pipeline.runner import run
 from pipeline.synthetic import make_demo_dataset
-from tests.conftest import config_for
+from tests.conftest import config_for, render_report
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
@@ -234,14 +233,7 @@ def test_thumbnails_only_for_samples_shown_and_reused_on_rerun(report_run):
         shown.update(int(x.split('"')[0]) for x in text.split('data-object="')[1:])
     made = {int(p.name.split("-")[0]) for p in (folder / "thumbs").glob("*.jpg")}
     assert made == shown
-    again = report.write_report(
-        cfg.report,
-        cfg.input,
-        cfg.postprocess,
-        Catalog.from_config(cfg),
-        n_workers=2,
-        groups_file=cfg.report.groups_file,
-    )
+    again = render_report(cfg, n_workers=2)
     assert again.thumbnails.made == 0 and again.thumbnails.reused == len(made)
 
 
@@ -256,14 +248,7 @@ def test_missing_images_root_gives_metadata_cards(report_run, tmp_path, caplog):
         }
     )
     with caplog.at_level(logging.WARNING, logger="pipeline"):
-        result = report.write_report(
-            missing.report,
-            missing.input,
-            missing.postprocess,
-            Catalog.from_config(missing),
-            n_workers=1,
-            groups_file=missing.report.groups_file,
-        )
+        result = render_report(missing, n_workers=1)
     assert "does not exist" in caplog.text and "metadata cards" in caplog.text
     page = (copy / "report" / "clusters" / "0.html").read_text(encoding="utf-8")
     assert "<img" not in page and 'class="meta-card"' in page
