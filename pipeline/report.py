@@ -1066,9 +1066,42 @@ def render_cluster_page(
         '<th class="num">Removed</th><th>Status of removed rows</th></tr></thead><tbody>'
         f"{step_rows}"
         "</tbody></table></section>"
+        f"{health_section(rec)}"
         f"<section>{grids or '<p class=muted>No members.</p>'}</section></main>"
     )
     return page(f"Cluster {c}", body, prefix="../")
+
+
+def health_section(rec: dict) -> str:
+    """The cluster's health (``cluster_summary``'s health columns): its users, the spread
+    of its cosines, its nearest cluster, and the flags, each flag with its rule."""
+    if int(rec.get("size", 0) or 0) == 0 or "n_users" not in rec:
+        return ""
+    flags = []
+    if rec.get("single_user"):
+        flags.append("single user: one user holds more than half of the members")
+    if rec.get("sink"):
+        flags.append("sink: large, with a mean cosine under half the typical one")
+    if not _is_missing(rec.get("near_duplicate_of")):
+        other = int(rec["near_duplicate_of"])
+        flags.append(f"near duplicate of {cluster_link(other, '../')} (centre cosine >= 0.95)")
+    nearest = rec.get("nearest_cluster")
+    near = (
+        f"nearest cluster {cluster_link(int(nearest), '../')} (centre cosine "
+        f"{fmt_float(rec['nearest_cos'])})"
+        if not _is_missing(nearest) and int(nearest) >= 0
+        else ""
+    )
+    flag_html = "".join(f'<li class="flag">{flag}</li>' for flag in flags)  # ids only
+    return (
+        '<section id="health"><h2>Health</h2><p>'
+        f"{int(rec['n_users']):,} users; top user {esc(rec['top_user'] or '–')} with "
+        f"{fmt_float(100 * rec['top_user_share'], 0)} % of the members · cosine min "
+        f"{fmt_float(rec['sim_min'])}, median {fmt_float(rec['sim_median'])}, spread "
+        f"{fmt_float(rec['sim_std'])} · {near}</p>"
+        + (f"<ul>{flag_html}</ul>" if flags else '<p class="muted">No health flag.</p>')
+        + "</section>"
+    )
 
 
 # --------------------------------------------------------------------------- assets

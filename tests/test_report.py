@@ -472,3 +472,33 @@ def test_images_outside_images_root_are_never_read(tmp_path):
     thumbs, stats = report.make_thumbnails(samples, cfg, 32, tmp_path / "thumbs", n_workers=1)
     assert set(thumbs) == {0}  # the FIFO did not block; nothing outside was opened
     assert stats.outside_root == 2 and stats.unreadable + stats.missing_images == 1
+
+
+def test_cluster_pages_show_the_health_of_the_summary(report_run):
+    # Each cluster page states its users, cosine spread and nearest cluster as the summary
+    # has them (independently: the top user's share recomputed from the table), and each
+    # flag the summary raises, with a working link to the other cluster.
+    cfg, paths = report_run
+    summary = sinks.read_parquet(paths.cluster_summary)
+    labelled = sinks.read_parquet(paths.postprocessed, columns=["cluster", "username"])
+    seen_flag = False
+    for rec in summary[summary["size"] > 0].to_dict("records"):
+        c = rec["cluster"]
+        text = (Path(paths.report) / "clusters" / f"{c}.html").read_text(encoding="utf-8")
+        health = text.split('<section id="health">')[1].split("</section>")[0]
+        users = labelled.loc[labelled["cluster"] == c, "username"].value_counts()
+        assert f"{len(users):,} users; top user {users.index[0]}" in health or (
+            users.iloc[0] == users.iloc[1]  # a tie: the summary names the first by name
+        )
+        assert f"with {100 * users.iloc[0] / users.sum():.0f} % of the members" in health
+        assert f'nearest cluster <a href="../clusters/{rec["nearest_cluster"]}.html">' in health
+        if rec["single_user"]:
+            seen_flag = True
+            assert "single user" in health
+        else:
+            assert "single user" not in health
+    empty = summary[summary["size"] == 0]["cluster"].tolist()
+    for c in empty[:3]:
+        text = (Path(paths.report) / "clusters" / f"{c}.html").read_text(encoding="utf-8")
+        assert 'id="health"' not in text
+    assert seen_flag or not summary["single_user"].any()
