@@ -7,8 +7,6 @@ batch size actually used) are computed in :mod:`pipeline.plan`, never written ba
 
 from __future__ import annotations
 
-import hashlib
-import json
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -153,15 +151,6 @@ class Config(_Section):
     output: OutputConfig = OutputConfig()
     report: ReportConfig = ReportConfig()
     executor: ExecutorConfig = ExecutorConfig()
-
-    def section_hash(self, *names: str) -> str:
-        """Stable hash of the named sections or ``section.key`` values (stage markers)."""
-        dumped = self.model_dump(mode="json")
-        values = {}
-        for name in names:
-            section, _, key = name.partition(".")
-            values[name] = dumped[section][key] if key else dumped[section]
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
