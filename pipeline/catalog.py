@@ -204,6 +204,18 @@ class Catalog:
         with fs.open(f"{path}/centers.npy", "rb") as handle:
             return np.load(handle)
 
+    def model_fingerprint(self) -> str:
+        """A short fingerprint of the fitted centres (sha256 of ``centers.npy``'s bytes).
+
+        Outputs made against a model (groups, assignments) record it, so that they can be
+        recognised as stale when the clustering changes.
+        """
+        fs, path = store.filesystem(self.model)
+        if not fs.exists(f"{path}/centers.npy"):
+            raise StageOrderError(f"No model at {self.model}. Run the 'train' stage first.")
+        with fs.open(f"{path}/centers.npy", "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()[:16]
+
     def read_metric(self) -> str:
         """The metric the model was fitted in (``model.json``; models saved before the
         key existed are Euclidean)."""
