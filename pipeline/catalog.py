@@ -181,9 +181,20 @@ class Catalog:
 
     # ------------------------------------------------------------------ model
 
-    def write_model(self, centres: np.ndarray, estimator: Any, description: dict) -> None:
-        """Save the centres (``centers.npy``), the estimator (joblib) and ``model.json``."""
+    def write_model(
+        self,
+        centres: np.ndarray,
+        estimator: Any,
+        description: dict,
+        cluster_ids: np.ndarray | None = None,
+    ) -> None:
+        """Save the centres (``centers.npy``), their ids (``cluster_ids.npy``, ascending;
+        default ``0..k-1``), the estimator (joblib) and ``model.json``."""
         import joblib
+
+        ids = np.arange(len(centres)) if cluster_ids is None else np.asarray(cluster_ids)
+        if len(ids) != len(centres) or (len(ids) > 1 and not (np.diff(ids) > 0).all()):
+            raise ValueError(f"cluster_ids must be {len(centres)} ascending ids.")
 
         fs, _ = store.filesystem(self.model)
         with store.atomic_path(self.model) as tmp:
@@ -191,6 +202,8 @@ class Catalog:
             fs.makedirs(tmp_path, exist_ok=True)
             with fs.open(f"{tmp_path}/centers.npy", "wb") as handle:
                 np.save(handle, np.asarray(centres, dtype=np.float32))
+            with fs.open(f"{tmp_path}/cluster_ids.npy", "wb") as handle:
+                np.save(handle, ids.astype(np.int64))
             with fs.open(f"{tmp_path}/kmeans.joblib", "wb") as handle:
                 joblib.dump(estimator, handle)
             with fs.open(f"{tmp_path}/model.json", "w") as handle:
@@ -203,6 +216,23 @@ class Catalog:
             raise StageOrderError(f"No model at {self.model}. Run the 'train' stage first.")
         with fs.open(f"{path}/centers.npy", "rb") as handle:
             return np.load(handle)
+
+    def read_cluster_ids(self) -> np.ndarray:
+        """The id of each centre row, ``(n_clusters,)`` int64 ascending (``cluster_ids.npy``;
+        a model saved before ids were kept numbers its rows ``0..k-1``)."""
+        return read_model_ids(self.model)
+
+    def read_model_description(self) -> dict:
+        """``model.json`` (``{}`` when absent)."""
+        fs, path = store.filesystem(self.model)
+        if not fs.exists(f"{path}/model.json"):
+            return {}
+        with fs.open(f"{path}/model.json", "r") as handle:
+            return json.load(handle)
+
+    def retired_cluster_ids(self) -> set[int]:
+        """Ids of clusters gone in a re-fit of this folder's model (never reused)."""
+        return set(self.read_model_description().get("ids", {}).get("retired", []))
 
     def model_fingerprint(self) -> str:
         """A short fingerprint of the fitted centres (sha256 of ``centers.npy``'s bytes).
@@ -224,6 +254,24 @@ class Catalog:
             return "euclidean"
         with fs.open(f"{path}/model.json", "r") as handle:
             return json.load(handle).get("metric", "euclidean")
+
+
+def read_model_centres(model: str) -> np.ndarray:
+    """The centres of the model folder ``model`` (any run's ``model/``)."""
+    fs, path = store.filesystem(model)
+    if not fs.exists(f"{path}/centers.npy"):
+        raise StageOrderError(f"No model at {model} (no centers.npy). Run the 'train' stage first.")
+    with fs.open(f"{path}/centers.npy", "rb") as handle:
+        return np.load(handle)
+
+
+def read_model_ids(model: str) -> np.ndarray:
+    """The cluster id of each centre row of the model folder ``model``."""
+    fs, path = store.filesystem(model)
+    if fs.exists(f"{path}/cluster_ids.npy"):
+        with fs.open(f"{path}/cluster_ids.npy", "rb") as handle:
+            return np.load(handle).astype(np.int64)
+    return np.arange(len(read_model_centres(model)), dtype=np.int64)
 
 
 def run_metadata(cfg: Config, extra: dict | None = None) -> dict[str, Any]:

@@ -83,6 +83,11 @@ class TrainConfig(_Section):
     sink_split: bool = True
     seed: int = 0
     blas_threads: PositiveInt | None = None
+    #: A model folder whose cluster ids the new fit keeps (``None``: the output folder's
+    #: model, when there is one); see :mod:`pipeline.ids`.
+    previous_model: str | None = None
+    #: Keep the previous model's cluster ids for centres that match it (else number 0..k-1).
+    keep_ids: bool = True
 
 
 class PostprocessConfig(_Section):
@@ -240,7 +245,7 @@ def _apply_override(data: dict, path: list[str], value: Any) -> None:
 PATH_KEYS: tuple[tuple[str, str], ...] = (
     ("input", "objects_csv"), ("input", "embeddings_root"), ("input", "embeddings_matrix"),
     ("input", "images_root"), ("output", "dir"), ("output", "staging_dir"),
-    ("report", "groups_file"),
+    ("report", "groups_file"), ("train", "previous_model"),
 )  # fmt: skip
 
 

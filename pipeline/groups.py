@@ -104,6 +104,34 @@ def load_groups(path: str | Path) -> GroupsSpec:
         raise InputError(_format_validation_error(exc, source)) from None
 
 
+def drop_gone_clusters(spec: GroupsSpec, gone: set[int], source: str = "<groups>") -> GroupsSpec:
+    """``spec`` without the clusters a re-fit retired (:mod:`pipeline.ids`), with one
+    warning line per cluster dropped; a group left without clusters is dropped too.
+
+    >>> spec = GroupsSpec(groups=[{"name": "a", "clusters": [0, 5]}, {"name": "b", "clusters": [5]}])
+    >>> [g.clusters for g in drop_gone_clusters(spec, {5}).groups]
+    [[0]]
+    """
+    if not gone or not any(c in gone for g in spec.groups for c in g.clusters):
+        return spec
+    groups = []
+    for i, group in enumerate(spec.groups):
+        for cluster in group.clusters:
+            if cluster in gone:
+                log.warning(
+                    "%s: cluster %d of group %r (groups.%d) is gone: the re-fit has no centre "
+                    "matching it; dropped from the group.", source, cluster, group.name, i,
+                )  # fmt: skip
+        left = [c for c in group.clusters if c not in gone]
+        if left:
+            groups.append(group.model_copy(update={"clusters": left}))
+        else:
+            log.warning(
+                "%s: group %r (groups.%d) has no cluster left; dropped.", source, group.name, i
+            )
+    return GroupsSpec(groups=groups)
+
+
 def check_groups(spec: GroupsSpec, summary: pd.DataFrame, source: str = "<groups>") -> None:
     """Check ``spec`` against the run's cluster summary; raise on the first problem.
 
@@ -208,6 +236,7 @@ def resolve_groups(catalog: Catalog, groups_file: str | Path) -> pd.DataFrame:
             f"{catalog.root}. Run 'pipeline run' first."
         )
     summary = sinks.read_parquet(catalog.cluster_summary, columns=["cluster", "size", "size_final"])
+    spec = drop_gone_clusters(spec, catalog.retired_cluster_ids(), source)
     check_groups(spec, summary, source)
     clusters = sorted({c for group in spec.groups for c in group.clusters})
     selected = sinks.read_parquet(catalog.clusters_parquet, filters=[("cluster", "in", clusters)])
@@ -226,7 +255,9 @@ def apply_groups(cfg: Config, groups_file: str | Path | None = None) -> GroupsRe
     catalog = Catalog.from_config(cfg.output)
     table = resolve_groups(catalog, source)
     csv_url, parquet_url = catalog.groups_csv, catalog.groups_parquet
-    metadata = run_metadata(cfg, {"groups_file": source})
+    metadata = run_metadata(
+        cfg, {"groups_file": source, "model_fingerprint": catalog.model_fingerprint()}
+    )
     sinks.write_csv(table, csv_url, schema.GROUPS_CSV_FIELDS, schema.GROUPS_SCHEMA)
     sinks.write_parquet(
         table[[*schema.GROUPS_SCHEMA.names, schema.OBJECT_ID, schema.SOURCE_ROW]],

@@ -133,7 +133,7 @@ def postprocess_stage(context: StageContext, postprocess: PostprocessConfig) -> 
     )  # fmt: skip
     del kept
     table = sinks.read_parquet(catalog.postprocessed, columns=list(summarize.SUMMARY_COLUMNS))
-    summary = summarize.cluster_summary(table, centres)
+    summary = summarize.cluster_summary(table, centres, catalog.read_cluster_ids())
     sinks.write_parquet(summary, catalog.cluster_summary, schema.CLUSTER_SUMMARY_SCHEMA, metadata)
     info = catalog.read_ingest_summary()
     funnel = summarize.funnel(info["n_input_rows"], info["rejected"], table)

@@ -25,6 +25,7 @@ def assign_store_block(
     centre_sq_norms: np.ndarray,
     block_info: dict | None = None,
     metric: str = "euclidean",
+    cluster_ids: np.ndarray | None = None,
 ) -> np.ndarray:
     """Read one store block and assign its rows (one BLAS thread: blocks run in parallel).
 
@@ -35,9 +36,26 @@ def assign_store_block(
     start, stop = block_info[None]["array-location"][0]
     with threadpool_limits(1):
         block = store.read_rows_reusing_buffer(url, start, stop)
-        if metric == "cosine":
-            return kernels.assign_block_cosine(block, centres)
-        return kernels.assign_block(block, centres, centre_sq_norms)
+        return assign_rows(block, centres, centre_sq_norms, metric, cluster_ids)
+
+
+def assign_rows(
+    block: np.ndarray,
+    centres: np.ndarray,
+    centre_sq_norms: np.ndarray,
+    metric: str = "euclidean",
+    cluster_ids: np.ndarray | None = None,
+) -> np.ndarray:
+    """Assignment records of a block of raw rows; ``cluster`` is the centre's id
+    (``cluster_ids[row]``; ``None``: the row number). Shared by predict and assign, so
+    both give the same bytes for the same row."""
+    if metric == "cosine":
+        records = kernels.assign_block_cosine(block, centres)
+    else:
+        records = kernels.assign_block(block, centres, centre_sq_norms)
+    if cluster_ids is not None:
+        records["cluster"] = cluster_ids[records["cluster"]]
+    return records
 
 
 def attach_assignments(objects: pd.DataFrame, records: np.ndarray) -> pd.DataFrame:
@@ -57,7 +75,11 @@ def assignments_meta(objects_url: str) -> pd.DataFrame:
 
 
 def assign_clusters(
-    store_url: str, objects_url: str, centres: np.ndarray, metric: str = "euclidean"
+    store_url: str,
+    objects_url: str,
+    centres: np.ndarray,
+    metric: str = "euclidean",
+    cluster_ids: np.ndarray | None = None,
 ) -> dd.DataFrame:
     """Lazy assignments: one partition per store block, rows in store order.
 
@@ -66,6 +88,8 @@ def assign_clusters(
     centres : ndarray of shape (n_clusters, n_features)
     metric : {"euclidean", "cosine"}
         Nearest centre, or centre of largest cosine (``dist = sqrt(2 - 2 sim)``).
+    cluster_ids : ndarray of shape (n_clusters,), default=None
+        The id of each centre row (``model/cluster_ids.npy``); ``None``: ``0..k-1``.
     """
     vectors = store.vectors_array(store_url)
     centres = np.ascontiguousarray(centres, dtype=np.float32)
@@ -78,6 +102,7 @@ def assign_clusters(
         dtype=schema.ASSIGNMENT_DTYPE,
         meta=np.empty((0,), dtype=schema.ASSIGNMENT_DTYPE),
         **({"metric": metric} if metric != "euclidean" else {}),
+        **({"cluster_ids": cluster_ids.astype(np.int32)} if cluster_ids is not None else {}),
     )
     blocks = records.to_delayed().ravel()
     parts = [
@@ -94,7 +119,8 @@ def predict_stage(context: StageContext) -> None:
     catalog = context.catalog
     centres = catalog.read_centres()
     metric = catalog.read_metric()
-    assignments = assign_clusters(catalog.store, catalog.objects, centres, metric)
+    cluster_ids = catalog.read_cluster_ids()
+    assignments = assign_clusters(catalog.store, catalog.objects, centres, metric, cluster_ids)
     without_status = schema.ASSIGNMENTS_SCHEMA.remove(
         schema.ASSIGNMENTS_SCHEMA.get_field_index(schema.STATUS)
     )

@@ -56,15 +56,27 @@ def centre_neighbours(centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return nearest.astype(np.int32), cos[np.arange(len(cos)), nearest]
 
 
-def cluster_health(labelled: pd.DataFrame, centres: np.ndarray) -> pd.DataFrame:
+def _cluster_index(n_clusters: int, cluster_ids: np.ndarray | None) -> pd.Index:
+    """The summary's rows: the model's cluster ids (``0..k-1`` when not given)."""
+    if cluster_ids is None:
+        return pd.RangeIndex(n_clusters, name="cluster")
+    if len(cluster_ids) != n_clusters:
+        raise ValueError(f"cluster_ids must hold {n_clusters} ids. Got {len(cluster_ids)}.")
+    return pd.Index(np.asarray(cluster_ids, np.int64), name="cluster")
+
+
+def cluster_health(
+    labelled: pd.DataFrame, centres: np.ndarray, cluster_ids: np.ndarray | None = None
+) -> pd.DataFrame:
     """Per cluster: its users, the spread of its cosines, its nearest cluster, and flags.
 
     Over all members the cluster was assigned (before post-processing): distinct users,
     the top user (ties: alphabetical) and its share, min / median / mean / standard
     deviation (ddof 0) of ``sim``; the nearest other centre by cosine; flags
     ``single_user``, ``sink`` and ``near_duplicate_of`` (see the thresholds above).
+    Row ``i`` of ``centres`` is the cluster ``cluster_ids[i]`` (default ``i``).
     """
-    ids = pd.RangeIndex(len(centres), name="cluster")
+    ids = _cluster_index(len(centres), cluster_ids)
     by = labelled.groupby("cluster")
     users = labelled.groupby(["cluster", "username"]).size().rename("n").reset_index()
     users = users.sort_values(["cluster", "n", "username"], ascending=[True, False, True])
@@ -82,6 +94,8 @@ def cluster_health(labelled: pd.DataFrame, centres: np.ndarray) -> pd.DataFrame:
         }
     )
     nearest, nearest_cos = centre_neighbours(centres)
+    if cluster_ids is not None and len(nearest):
+        nearest = np.where(nearest >= 0, ids.to_numpy()[nearest], -1).astype(np.int32)
     health["nearest_cluster"] = nearest
     health["nearest_cos"] = nearest_cos
     health["single_user"] = (health["top_user_share"] > SINGLE_USER_SHARE).to_numpy()
@@ -106,13 +120,15 @@ def cluster_health(labelled: pd.DataFrame, centres: np.ndarray) -> pd.DataFrame:
     return health.reset_index(drop=True)
 
 
-def cluster_summary(labelled: pd.DataFrame, centres: np.ndarray) -> pd.DataFrame:
-    """One row per cluster id ``0..k-1`` (``centres`` is ``(k, n_features)``): sizes after
-    each step, means, tags, and the :func:`cluster_health` columns."""
-    n_clusters = len(centres)
+def cluster_summary(
+    labelled: pd.DataFrame, centres: np.ndarray, cluster_ids: np.ndarray | None = None
+) -> pd.DataFrame:
+    """One row per cluster id (``centres`` is ``(k, n_features)``, row ``i`` the cluster
+    ``cluster_ids[i]``, default ``0..k-1``): sizes after each step, means, tags, and the
+    :func:`cluster_health` columns."""
     status = labelled[schema.STATUS]
     clusters = labelled["cluster"]
-    ids = pd.RangeIndex(n_clusters, name="cluster")
+    ids = _cluster_index(len(centres), cluster_ids)
 
     def count(mask: pd.Series) -> pd.Series:
         return mask.groupby(clusters).sum().reindex(ids, fill_value=0).astype("int64")
@@ -135,7 +151,7 @@ def cluster_summary(labelled: pd.DataFrame, centres: np.ndarray) -> pd.DataFrame
     for col in ("mean_sim", "mean_dist", "mean_sim_final"):
         summary[col] = summary[col].astype("float64")
     summary["kept"] = summary["size_final"] > 0
-    return pd.concat([summary, cluster_health(labelled, centres)], axis=1)
+    return pd.concat([summary, cluster_health(labelled, centres, cluster_ids)], axis=1)
 
 
 def funnel(n_input_rows: int, rejected: dict[str, int], labelled: pd.DataFrame) -> pd.DataFrame:

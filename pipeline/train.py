@@ -33,9 +33,11 @@ from dask import delayed
 from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
-from . import kernels, store
+from . import ids, kernels, sinks, store
+from .catalog import Catalog, read_model_centres, read_model_ids
 from .config import TrainConfig
 from .context import StageContext
+from .errors import MissingInputError
 from .plan import TrainPlan, plan_training
 
 log = logging.getLogger("pipeline")
@@ -391,14 +393,60 @@ def training_plan(train: TrainConfig, context: StageContext) -> TrainPlan:
     return plan_training(train, *context.catalog.store_shape(), context.plan.blas_threads)
 
 
+def previous_model_of(catalog: Catalog, train: TrainConfig) -> str | None:
+    """The model whose ids a new fit keeps: ``train.previous_model``, else the output
+    folder's model (read before it is overwritten), else ``None``."""
+    if not train.keep_ids:
+        return None
+    if train.previous_model is not None:
+        if not catalog.exists(store.join(train.previous_model, "centers.npy")):
+            raise MissingInputError(
+                f"train.previous_model {train.previous_model} holds no centers.npy. Name a "
+                "run's model/ folder, or unset train.previous_model."
+            )
+        return train.previous_model
+    return catalog.model if catalog.exists(store.join(catalog.model, "centers.npy")) else None
+
+
+def number_clusters(
+    catalog: Catalog, train: TrainConfig, centres: np.ndarray
+) -> tuple[ids.IdMatch, dict]:
+    """Ids for the new centres (:mod:`pipeline.ids`) and what ``model.json`` records."""
+    previous = previous_model_of(catalog, train)
+    if previous is None:
+        return ids.fresh_ids(len(centres)), {"previous_model": None}
+    old_centres, old_ids = read_model_centres(previous), read_model_ids(previous)
+    description_url = store.join(previous, "model.json")
+    old_info = sinks.read_json(description_url) if catalog.exists(description_url) else {}
+    retired = np.asarray(old_info.get("ids", {}).get("retired", []), np.int64)
+    if old_centres.shape[1] != centres.shape[1]:
+        log.warning("cluster ids: the previous model %s has dimension %d, this fit %d: no "
+                    "cluster kept its id", previous, old_centres.shape[1], centres.shape[1])  # fmt: skip
+        old_centres, retired, old_ids = (
+            old_centres[:0, :0],
+            np.union1d(retired, old_ids),
+            old_ids[:0],
+        )
+        centres_for_match = centres[:, :0]
+    else:
+        centres_for_match = centres
+    match = ids.match_ids(old_centres, centres_for_match, old_ids, retired)
+    return match, {"previous_model": previous, "previous_metric": old_info.get("metric")}
+
+
 def train_stage(context: StageContext, train: TrainConfig) -> None:
-    """Stage 2: fit the centres and save the model."""
+    """Stage 2: fit the centres and save the model (renumbered after the previous one)."""
     plan = training_plan(train, context)
     log.info("%r", plan)
     model = context.executor.compute(
         fit_centroids(train, plan, context.catalog.store), desc="train"
     )
+    match, previous = number_clusters(context.catalog, train, centres_of(model))
+    centres, cluster_ids, order = ids.sort_by_id(centres_of(model), match.ids)
+    if previous["previous_model"] is not None:
+        log.info("%s", match.summary_line())
     if plan.metric == "cosine":
+        model.unit_centres = centres
         estimator = cosine_estimator(model.centres, plan)
         params = {"algorithm": "spherical mini-batch k-means", "n_clusters": plan.n_clusters,
                   "batch_size": plan.batch_size, "epochs": plan.epochs,
@@ -410,7 +458,11 @@ def train_stage(context: StageContext, train: TrainConfig) -> None:
                  final["reseeds"], final["starved"], final["flagged_sinks"])  # fmt: skip
     else:
         estimator = model.estimator
+        estimator.cluster_centers_ = centres
+        if hasattr(estimator, "_counts"):
+            estimator._counts = estimator._counts[order]
         params = {k: v for k, v in model.estimator.get_params().items() if k != "init"}
     description = {**context.metadata, "plan": repr(plan), "metric": plan.metric,
-                   "params": params, "history": model.history}  # fmt: skip
-    context.catalog.write_model(model.centres, estimator, description)
+                   "params": params, "history": model.history,
+                   "ids": {**match.describe(), **previous}}  # fmt: skip
+    context.catalog.write_model(centres, estimator, description, cluster_ids)
