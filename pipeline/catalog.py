@@ -50,6 +50,8 @@ class Catalog:
     markers: str
     groups_csv: str
     groups_parquet: str
+    stability: str
+    stability_summary: str
 
     @classmethod
     def from_config(cls, output: OutputConfig | Config) -> Catalog:
@@ -83,6 +85,8 @@ class Catalog:
             markers=at("_markers"),
             groups_csv=at(GROUPS_CSV_NAME),
             groups_parquet=at(GROUPS_PARQUET_NAME),
+            stability=at("stability.parquet"),
+            stability_summary=at("stability.json"),
         )
 
     @property
@@ -240,11 +244,7 @@ class Catalog:
         Outputs made against a model (groups, assignments) record it, so that they can be
         recognised as stale when the clustering changes.
         """
-        fs, path = store.filesystem(self.model)
-        if not fs.exists(f"{path}/centers.npy"):
-            raise StageOrderError(f"No model at {self.model}. Run the 'train' stage first.")
-        with fs.open(f"{path}/centers.npy", "rb") as handle:
-            return hashlib.sha256(handle.read()).hexdigest()[:16]
+        return model_fingerprint_of(self.model)
 
     def read_metric(self) -> str:
         """The metric the model was fitted in (``model.json``; models saved before the
@@ -263,6 +263,15 @@ def read_model_centres(model: str) -> np.ndarray:
         raise StageOrderError(f"No model at {model} (no centers.npy). Run the 'train' stage first.")
     with fs.open(f"{path}/centers.npy", "rb") as handle:
         return np.load(handle)
+
+
+def model_fingerprint_of(model: str) -> str:
+    """The fingerprint of the model folder ``model`` (see :meth:`Catalog.model_fingerprint`)."""
+    fs, path = store.filesystem(model)
+    if not fs.exists(f"{path}/centers.npy"):
+        raise StageOrderError(f"No model at {model}. Run the 'train' stage first.")
+    with fs.open(f"{path}/centers.npy", "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()[:16]
 
 
 def read_model_ids(model: str) -> np.ndarray:

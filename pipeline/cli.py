@@ -194,6 +194,106 @@ def groups(
     typer.echo(f"groups: {counts} objects. Wrote {result.csv}, {result.parquet} and {report}")
 
 
+@app.command()
+def assign(
+    config: ConfigOpt = Path("config.yaml"),
+    csv: Annotated[
+        Path | None, typer.Option("--csv", help="The new objects CSV (sets input.objects_csv).")
+    ] = None,
+    embeddings_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--embeddings-root", help="Their embedding files (sets input.embeddings_root)."
+        ),
+    ] = None,
+    embeddings_matrix: Annotated[
+        Path | None,
+        typer.Option(
+            "--embeddings-matrix", help="Or one CSV-aligned .npy (sets input.embeddings_matrix)."
+        ),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="A run's model/ folder (default: the model in output.dir)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default: <output.dir>/assigned).")
+    ] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Assign new objects (CSV + embeddings, the input layout) to a saved model, no refit.
+
+    Same checks and rejects as ingest, the model's centres, metric and ids, the same
+    post-processing within the model's clusters; writes assignments.parquet,
+    ins_posts_clusters.csv/.parquet, rejects.parquet and assign.json to --out.
+    """
+    from .assign import assign_objects
+
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    overrides = list(set_ or [])
+    for key, value in (("input.objects_csv", csv), ("input.embeddings_root", embeddings_root),
+                       ("input.embeddings_matrix", embeddings_matrix)):  # fmt: skip
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    try:
+        cfg = _load(config, overrides, None, quiet)
+        result = assign_objects(
+            cfg, str(model) if model else None, str(out) if out else None, progress=not quiet
+        )
+    except PipelineError as exc:
+        _fail(exc)
+    typer.echo(result.summary_line())
+
+
+@app.command()
+def stability(
+    config: ConfigOpt = Path("config.yaml"),
+    seeds: Annotated[
+        int,
+        typer.Option("--seeds", min=2, help="Fits to compare (seeds 0..n-1 added to train.seed)."),
+    ] = 3,
+    sample_rows: Annotated[
+        int | None,
+        typer.Option(
+            "--sample-rows", min=1, help="Rows of the uniform sample (default: all rows)."
+        ),
+    ] = None,
+    order: Annotated[
+        str,
+        typer.Option(
+            "--order",
+            help="shuffled (the store's uniform sample) | file (CSV-order batches) | both.",
+        ),
+    ] = "shuffled",
+    set_: SetOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the estimated cost and exit.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Refit on the uniform sample under several seeds and block orders; print the ARI
+    between fits and how often each cluster is found again (writes stability.parquet)."""
+    from .stability import run_stability
+
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    if order not in ("shuffled", "file", "both"):
+        _fail(
+            PipelineError(f"--order must be 'shuffled', 'file' or 'both'. Got {order!r} instead.")
+        )
+    try:
+        cfg = _load(config, set_, None, quiet)
+        orders = ("shuffled", "file") if order == "both" else (order,)
+        report = run_stability(cfg, seeds, sample_rows, orders, echo=typer.echo, dry_run=dry_run)
+    except PipelineError as exc:
+        _fail(exc)
+    typer.echo(report)
+
+
 @app.command("make-demo")
 def make_demo(
     root: Annotated[Path, typer.Option(help="Folder to write the dataset into.")] = Path(
