@@ -73,14 +73,20 @@ class IdMatch:
             else None,
         }
 
-    def summary_line(self) -> str:
-        """One line for the log: kept, new and gone ids."""
+    def summary_line(self, kept: tuple[int, int] | None = None) -> str:
+        """One line for the log: kept, new and gone ids (and, given ``kept`` = (matched,
+        total), how many of the previous run's kept clusters kept their id)."""
         gone = f" ({_clip_ids(self.gone)})" if len(self.gone) else ""
         new = f" ({_clip_ids(self.new)})" if len(self.new) else ""
+        reviewed = (
+            f"; of the previous run's {kept[1]} kept clusters, {kept[0]} kept their id"
+            if kept is not None
+            else ""
+        )
         return (
             f"cluster ids: {len(self.matched)} of {len(self.ids)} clusters kept their id "
             f"(centre cosine >= {self.min_cos}), {len(self.new)} new{new}, "
-            f"{len(self.gone)} gone{gone}"
+            f"{len(self.gone)} gone{gone}{reviewed}"
         )
 
 

@@ -97,8 +97,8 @@ class StabilityPlan:
         return (
             f"stability: {len(self.seeds)} fits x {len(self.orders)} order(s) "
             f"({', '.join(self.orders)}) on {self.sample_rows:,} of {self.n_rows:,} rows x "
-            f"{self.dim} dims, k = {self.n_clusters}: {self.flop_per_fit / 1e9:,.0f} GFLOP per "
-            f"fit, estimated {self.estimated_seconds:,.0f} s at {self.gemm_flops / 1e9:.0f} "
+            f"{self.dim} dims, k = {self.n_clusters}: {self.flop_per_fit / 1e9:,.3g} GFLOP per "
+            f"fit, estimated {self.estimated_seconds:,.1f} s at {self.gemm_flops / 1e9:.0f} "
             f"GFLOP/s measured{copy}; reference: the {self.reference}'s clusters"
         )
 

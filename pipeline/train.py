@@ -431,7 +431,26 @@ def number_clusters(
     else:
         centres_for_match = centres
     match = ids.match_ids(old_centres, centres_for_match, old_ids, retired)
-    return match, {"previous_model": previous, "previous_metric": old_info.get("metric")}
+    info = {"previous_model": previous, "previous_metric": old_info.get("metric")}
+    kept = previous_kept_clusters(previous, old_ids)
+    if kept is not None:
+        # What a groups file needs: the clusters the reviewer could pick (kept ones).
+        info["previous_kept"] = len(kept)
+        info["previous_kept_matched"] = len(kept & set(match.matched.tolist()))
+    return match, info
+
+
+def previous_kept_clusters(previous: str, old_ids: np.ndarray) -> set[int] | None:
+    """Clusters the previous model's run kept after post-processing (its
+    ``cluster_summary.parquet`` beside the model, when it describes the same ids)."""
+    url = store.join(previous.rstrip("/").rsplit("/", 1)[0], "cluster_summary.parquet")
+    fs, path = store.filesystem(url)
+    if not fs.exists(path):
+        return None
+    summary = sinks.read_parquet(url, columns=["cluster", "size_final"])
+    if sorted(summary["cluster"].tolist()) != sorted(old_ids.tolist()):
+        return None
+    return set(summary.loc[summary["size_final"] > 0, "cluster"].tolist())
 
 
 def train_stage(context: StageContext, train: TrainConfig) -> None:
@@ -444,7 +463,8 @@ def train_stage(context: StageContext, train: TrainConfig) -> None:
     match, previous = number_clusters(context.catalog, train, centres_of(model))
     centres, cluster_ids, order = ids.sort_by_id(centres_of(model), match.ids)
     if previous["previous_model"] is not None:
-        log.info("%s", match.summary_line())
+        kept = previous.get("previous_kept_matched"), previous.get("previous_kept")
+        log.info("%s", match.summary_line(kept if kept[1] is not None else None))
     if plan.metric == "cosine":
         model.unit_centres = centres
         estimator = cosine_estimator(model.centres, plan)
