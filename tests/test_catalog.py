@@ -35,6 +35,8 @@ EXPECTED_NAMES = {
     "markers": "_markers",
     "groups_csv": "ins_posts_groups.csv",
     "groups_parquet": "ins_posts_groups.parquet",
+    "stability": "stability.parquet",
+    "stability_summary": "stability.json",
 }
 
 
@@ -89,7 +91,8 @@ def test_write_model_and_read_centres_round_trip(tmp_path):
     c.write_model(centres64, estimator, {"plan": "TrainPlan(...)", "path": Path("/x")})
 
     files = sorted(p.name for p in Path(c.model).iterdir())
-    assert files == ["centers.npy", "kmeans.joblib", "model.json"]
+    assert files == ["centers.npy", "cluster_ids.npy", "kmeans.joblib", "model.json"]
+    assert c.read_cluster_ids().tolist() == [0, 1, 2, 3]  # a first fit: ids 0..k-1
     centres = c.read_centres()
     assert centres.dtype == np.float32 and centres.shape == (4, 6)
     np.testing.assert_array_equal(centres, centres64.astype(np.float32))
@@ -214,3 +217,16 @@ def test_no_output_may_overwrite_an_input(tmp_path):
     )  # fmt: skip
     with pytest.raises(ConfigError, match="would overwrite its own input"):
         plan_run(cfg)
+
+
+def test_model_ids_round_trip_and_old_models(tmp_path):
+    c = Catalog.from_config(OutputConfig(dir=str(tmp_path / "out")))
+    centres = np.eye(3, dtype=np.float32)
+    c.write_model(centres, None, {"ids": {"retired": [1, 4]}}, cluster_ids=np.array([0, 2, 5]))
+    assert c.read_cluster_ids().tolist() == [0, 2, 5]
+    assert c.retired_cluster_ids() == {1, 4}
+    with pytest.raises(ValueError, match="ascending"):
+        c.write_model(centres, None, {}, cluster_ids=np.array([2, 0, 5]))
+    # A model saved before ids were kept numbers its rows 0..k-1.
+    (Path(c.model) / "cluster_ids.npy").unlink()
+    assert c.read_cluster_ids().tolist() == [0, 1, 2]
