@@ -52,12 +52,12 @@ log = logging.getLogger("pipeline")
 
 #: Best-match Jaccard at or above which a cluster counts as found again in a fit.
 FOUND_JACCARD = 0.5
-#: Measured on the demo: a fit takes this many times its GEMM time (reads, the per-block
+#: Measured on the demo (2 quiet cores: train 5.2 s against 0.7 s of GEMM, plus the labels
+#: pass): a fit takes about this many times its GEMM time (reads, the per-block
 #: normalisation and re-seeding, k-means++).
-OVERHEAD = 4.0
+OVERHEAD = 6.0
 ORDERS = ("shuffled", "file")
 
-STABILITY_COLUMNS = ("order", "cluster", "size", "found_again", "jaccard_mean", "jaccard_min")
 
 
 @dataclass(frozen=True)
