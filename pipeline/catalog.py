@@ -238,6 +238,10 @@ class Catalog:
         """Ids of clusters gone in a re-fit of this folder's model (never reused)."""
         return set(self.read_model_description().get("ids", {}).get("retired", []))
 
+    def previously_kept_cluster_ids(self) -> set[int]:
+        """Ids the previous model's run kept after post-processing (recorded by a re-fit)."""
+        return set(self.read_model_description().get("ids", {}).get("previous_kept_ids", []))
+
     def model_fingerprint(self) -> str:
         """A short fingerprint of the fitted centres (sha256 of ``centers.npy``'s bytes).
 

@@ -104,25 +104,33 @@ def load_groups(path: str | Path) -> GroupsSpec:
         raise InputError(_format_validation_error(exc, source)) from None
 
 
-def drop_gone_clusters(spec: GroupsSpec, gone: set[int], source: str = "<groups>") -> GroupsSpec:
-    """``spec`` without the clusters a re-fit retired (:mod:`pipeline.ids`), with one
-    warning line per cluster dropped; a group left without clusters is dropped too.
+def drop_gone_clusters(
+    spec: GroupsSpec, gone: set[int], source: str = "<groups>", unkept: set[int] = frozenset()
+) -> GroupsSpec:
+    """``spec`` without the clusters a re-fit retired (``gone``, :mod:`pipeline.ids`) or
+    that the previous run kept and the re-fit's post-processing no longer keeps
+    (``unkept``), with one warning line per cluster dropped; a group left without clusters
+    is dropped too (one line).
 
     >>> spec = GroupsSpec(groups=[{"name": "a", "clusters": [0, 5]}, {"name": "b", "clusters": [5]}])
     >>> [g.clusters for g in drop_gone_clusters(spec, {5}).groups]
     [[0]]
     """
-    if not gone or not any(c in gone for g in spec.groups for c in g.clusters):
+    dropped = set(gone) | set(unkept)
+    if not any(c in dropped for g in spec.groups for c in g.clusters):
         return spec
     groups = []
     for i, group in enumerate(spec.groups):
         for cluster in group.clusters:
             if cluster in gone:
-                log.warning(
-                    "%s: cluster %d of group %r (groups.%d) is gone: the re-fit has no centre "
-                    "matching it; dropped from the group.", source, cluster, group.name, i,
-                )  # fmt: skip
-        left = [c for c in group.clusters if c not in gone]
+                why = "is gone: the re-fit has no centre matching it"
+            elif cluster in unkept:
+                why = "is no longer kept: the re-fit's post-processing removed it"
+            else:
+                continue
+            log.warning("%s: cluster %d of group %r (groups.%d) %s; dropped from the group.",
+                        source, cluster, group.name, i, why)  # fmt: skip
+        left = [c for c in group.clusters if c not in dropped]
         if left:
             groups.append(group.model_copy(update={"clusters": left}))
         else:
@@ -236,7 +244,9 @@ def resolve_groups(catalog: Catalog, groups_file: str | Path) -> pd.DataFrame:
             f"{catalog.root}. Run 'pipeline run' first."
         )
     summary = sinks.read_parquet(catalog.cluster_summary, columns=["cluster", "size", "size_final"])
-    spec = drop_gone_clusters(spec, catalog.retired_cluster_ids(), source)
+    kept_now = set(summary.loc[summary["size_final"] > 0, "cluster"].tolist())
+    unkept = catalog.previously_kept_cluster_ids() - kept_now
+    spec = drop_gone_clusters(spec, catalog.retired_cluster_ids(), source, unkept)
     check_groups(spec, summary, source)
     clusters = sorted({c for group in spec.groups for c in group.clusters})
     selected = sinks.read_parquet(catalog.clusters_parquet, filters=[("cluster", "in", clusters)])

@@ -59,7 +59,6 @@ OVERHEAD = 6.0
 ORDERS = ("shuffled", "file")
 
 
-
 @dataclass(frozen=True)
 class StabilityPlan:
     """What the diagnostic will do and what it should cost."""

@@ -437,6 +437,7 @@ def number_clusters(
         # What a groups file needs: the clusters the reviewer could pick (kept ones).
         info["previous_kept"] = len(kept)
         info["previous_kept_matched"] = len(kept & set(match.matched.tolist()))
+        info["previous_kept_ids"] = sorted(int(c) for c in kept)
     return match, info
 
 
