@@ -310,3 +310,20 @@ def test_summary_markdown_sections(summary, labelled):
                   "## Original top clusters and new top clusters"):  # fmt: skip
         assert title in text
     assert "| 0 | 4 | 1 | 2 |" in text  # before: top 0 (4 rows), tail 1 (2 rows)
+
+
+def test_cluster_summary_in_model_ids(labelled, summary):
+    """A re-fit's ids have gaps (pipeline.ids): row i of the centres is cluster ids[i].
+    The summary is the same table with every id (rows, nearest, near-duplicate) mapped."""
+    ids = np.array([10, 11, 20, 35, 40])
+    relabelled = labelled.assign(cluster=ids[labelled["cluster"].to_numpy()].astype(np.int32))
+    out = summarize.cluster_summary(relabelled, CENTRES, ids)
+    assert out["cluster"].tolist() == ids.tolist()
+    assert out["nearest_cluster"].tolist() == ids[[1, 0, 1, 2, 0]].tolist()
+    assert out["near_duplicate_of"].tolist() == [11, 10, pd.NA, pd.NA, pd.NA]
+    same = [
+        c for c in summary.columns if c not in ("cluster", "nearest_cluster", "near_duplicate_of")
+    ]
+    pd.testing.assert_frame_equal(out[same], summary[same])
+    with pytest.raises(ValueError, match="5 ids"):
+        summarize.cluster_summary(relabelled, CENTRES, ids[:3])
