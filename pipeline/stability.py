@@ -46,7 +46,7 @@ from . import kernels, sinks, store
 from .catalog import Catalog, run_metadata
 from .config import Config
 from .errors import InputError, must_be
-from .plan import effective_n_clusters, new_run_id, plan_training, plan_workers
+from .plan import effective_n_clusters, local_cores, new_run_id, plan_training, plan_workers
 
 log = logging.getLogger("pipeline")
 
@@ -245,7 +245,7 @@ def run_stability(
     rows = min(sample_rows or n_rows, n_rows)
     k = effective_n_clusters(cfg.train, n_rows)
     train = cfg.train.model_copy(update={"n_clusters": k})
-    blas = cfg.train.blas_threads or plan_workers(cfg.executor).n_cores
+    blas = cfg.train.blas_threads or local_cores()  # as the train stage's plan
     metric = cfg.train.metric
     has_model = catalog.exists(store.join(catalog.model, "centers.npy"))
     if has_model and catalog.read_centres().shape[1] != dim:
@@ -272,12 +272,12 @@ def run_stability(
             reference = sample_labels(catalog.store, rows, catalog.read_centres(),
                                       catalog.read_metric(), catalog.read_cluster_ids())  # fmt: skip
         for order in orders:
-            url, memmap_path, positions = catalog.store, None, None
+            url, memmap_path = catalog.store, None
             if order == "file":
                 url = store.join(catalog.staging, f"stability-{run_id}.zarr")
                 memmap_path = store.join(catalog.staging, f"stability-{run_id}.f32")
                 store.check_writable(catalog.staging, "output.staging_dir")
-                positions = file_order_store(catalog.store, rows, url, memmap_path)
+                file_order_store(catalog.store, rows, url, memmap_path)
             try:
                 labels = []
                 for seed in plan.seeds:
@@ -296,7 +296,6 @@ def run_stability(
                 if order == "file":
                     _remove(url)
                     _remove(memmap_path)
-            del positions
             ref = reference if reference is not None else labels[0]
             fits = labels if reference is not None else labels[1:]
             aris = pairwise_ari(labels)
