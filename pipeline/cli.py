@@ -274,8 +274,12 @@ def stability(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Refit on the uniform sample under several seeds and block orders; print the ARI
-    between fits and how often each cluster is found again (writes stability.parquet)."""
+    """Refit on the uniform sample under several seeds and block orders, and compare.
+
+    Prints the estimated cost first, then the ARI between the fits and how often each of
+    the model's clusters is found again (best-match Jaccard); writes stability.parquet
+    and stability.json to the output folder. --order file feeds CSV-order batches.
+    """
     from .stability import run_stability
 
     logging.basicConfig(
