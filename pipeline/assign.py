@@ -317,5 +317,5 @@ def assign_objects(
     sinks.write_json({**result.__dict__, "metric": saved.metric,
                       "statuses": labelled[schema.STATUS].value_counts().to_dict()},
                      store.join(out, SUMMARY_NAME))  # fmt: skip
-    log.info("%s", result.summary_line())
+    log.debug("%s", result.summary_line())  # the CLI prints it
     return result
