@@ -155,16 +155,18 @@ def test_refit_with_another_seed_keeps_ids_and_groups(small_dataset, tmp_path, c
     assert agree > 0.999  # float32 vs float64 ties aside
     assert set(summary2["nearest_cluster"]) <= set(new_ids.tolist())
 
-    # Matched clusters are the same objects: the groups file applies to the new run.
+    # Matched clusters are the same objects: the groups file applies to the new run, each
+    # surviving cluster with (nearly) the members it had.
     survivors = [c for c in picked if c in set(new_ids.tolist())]
     after = apply_groups(cfg2, groups_file).table
-    for name in ("a", "b"):
-        old_members = set(before.loc[before["group"] == name, "object_id"])
-        new_members = set(after.loc[after["group"] == name, "object_id"])
-        if old_members and new_members:
-            jaccard = len(old_members & new_members) / len(old_members | new_members)
-            assert jaccard > 0.8
-    assert set(after["cluster"]) <= set(survivors)
+    assert set(after["cluster"]) <= set(survivors) and len(after["cluster"].unique()) >= 2
+    jaccards = []
+    for cluster in set(after["cluster"]):
+        old_members = set(before.loc[before["cluster"] == cluster, "object_id"])
+        new_members = set(after.loc[after["cluster"] == cluster, "object_id"])
+        jaccards.append(len(old_members & new_members) / len(old_members | new_members))
+    print("member Jaccard of surviving clusters:", np.round(jaccards, 3))
+    assert min(jaccards) > 0.5 and np.mean(jaccards) > 0.8
     meta = sinks.read_run_metadata(catalog.groups_parquet)
     assert meta["model_fingerprint"] == catalog.model_fingerprint()
 
