@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -181,8 +182,15 @@ class Catalog:
 
     # ------------------------------------------------------------------ model
 
-    def write_model(self, centres: np.ndarray, estimator: Any, description: dict) -> None:
-        """Save the centres (``centers.npy``), the estimator (joblib) and ``model.json``."""
+    def write_model(
+        self,
+        centres: np.ndarray,
+        estimator: Any,
+        description: dict,
+        tables: dict[str, pd.DataFrame] | None = None,
+    ) -> None:
+        """Save the centres (``centers.npy``), the estimator (joblib), ``model.json`` and
+        any ``tables`` (``{file name: frame}``, as Parquet) in the model folder."""
         import joblib
 
         fs, _ = store.filesystem(self.model)
@@ -195,6 +203,14 @@ class Catalog:
                 joblib.dump(estimator, handle)
             with fs.open(f"{tmp_path}/model.json", "w") as handle:
                 json.dump(description, handle, indent=2, default=str)
+            for name, frame in (tables or {}).items():
+                with fs.open(f"{tmp_path}/{name}", "wb") as handle:
+                    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), handle)
+
+    def read_model_table(self, name: str) -> pd.DataFrame | None:
+        """A table saved with the model (e.g. the k sweep's curve), or ``None``."""
+        url = store.join(self.model, name)
+        return sinks.read_parquet(url) if self.exists(url) else None
 
     def read_centres(self) -> np.ndarray:
         """The fitted centres, ``(n_clusters, n_features)`` float32."""

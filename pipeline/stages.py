@@ -72,10 +72,10 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         name="train",
-        reads=("train",),
+        reads=("train", "postprocess"),
         depends_on=("train",),
         input_files=(),
-        derived=("blas_threads",),
+        derived=("blas_threads", "k_rules"),
         upstream="ingest",
         function="train:train_stage",
         outputs=("model",),
