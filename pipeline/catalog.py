@@ -49,6 +49,7 @@ class Catalog:
     summary_markdown: str
     report: str
     markers: str
+    manifest: str
     groups_csv: str
     groups_parquet: str
 
@@ -82,6 +83,7 @@ class Catalog:
             summary_markdown=at("summary.md"),
             report=at("report"),
             markers=at("_markers"),
+            manifest=at("_manifest.json"),
             groups_csv=at(GROUPS_CSV_NAME),
             groups_parquet=at(GROUPS_PARQUET_NAME),
         )
@@ -158,6 +160,45 @@ class Catalog:
         fs, path = store.filesystem(self.marker_url(stage))
         if fs.exists(path):
             fs.rm(path)
+
+    # ------------------------------------------------------------------ manifest
+    # Every top-level entry the pipeline writes in the output folder, with the files it
+    # held when its stage finished ({relative path: bytes}); ``None`` while a stage is
+    # writing it. Only entries listed here are ever replaced or deleted, and a rerun
+    # notices an output whose files changed since.
+
+    def read_manifest(self) -> dict[str, dict]:
+        """``{entry name: {"stage", "run_id", "files"}}``; ``{}`` when there is none."""
+        if not self.exists(self.manifest):
+            return {}
+        try:
+            manifest = sinks.read_json(self.manifest)
+        except (ValueError, OSError):
+            return {}
+        return manifest.get("entries", {}) if isinstance(manifest, dict) else {}
+
+    def write_manifest(self, entries: dict[str, dict]) -> None:
+        sinks.write_json({"entries": entries}, self.manifest)
+
+    def entry_name(self, output: str) -> str:
+        """The top-level entry of the output folder that catalog attribute ``output`` is
+        in (``report_index`` -> ``report``)."""
+        return getattr(self, output)[len(self.root.rstrip("/")) + 1 :].split("/", 1)[0]
+
+    def entry_files(self, name: str) -> dict[str, int] | None:
+        """The files under the top-level entry ``name`` with their sizes (``{"": size}``
+        for a file); ``None`` if it does not exist."""
+        fs, path = store.filesystem(store.join(self.root, name))
+        if not fs.exists(path):
+            return None
+        if not fs.isdir(path):
+            return {"": int(fs.size(path))}
+        found = fs.find(path, detail=True)
+        prefix = path.rstrip("/") + "/"
+        return {
+            key[len(prefix) :] if key.startswith(prefix) else key: int(info.get("size") or 0)
+            for key, info in found.items()
+        }
 
     # ------------------------------------------------------------------ store
 

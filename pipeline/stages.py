@@ -68,7 +68,7 @@ STAGES: tuple[Stage, ...] = (
         derived=("shuffle_seed",),
         upstream=None,
         function="ingest:ingest_stage",
-        outputs=("store", "objects", "rejects", "ingest_summary"),
+        outputs=("store", "objects", "embedding_files", "rejects", "ingest_summary"),
     ),
     Stage(
         name="train",
