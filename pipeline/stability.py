@@ -243,13 +243,14 @@ def run_stability(
     catalog = Catalog.from_config(cfg.output)
     n_rows, dim, chunk_rows = catalog.store_shape()
     rows = min(sample_rows or n_rows, n_rows)
-    k = effective_n_clusters(cfg.train, n_rows)
-    train = cfg.train.model_copy(update={"n_clusters": k})
     blas = cfg.train.blas_threads or local_cores()  # as the train stage's plan
     metric = cfg.train.metric
     has_model = catalog.exists(store.join(catalog.model, "centers.npy"))
     if has_model and catalog.read_centres().shape[1] != dim:
         has_model = False
+    # The model's k when there is one (n_clusters: auto chose it by a sweep).
+    k = len(catalog.read_centres()) if has_model else effective_n_clusters(cfg.train, n_rows)
+    train = cfg.train.model_copy(update={"n_clusters": k})
     plan = StabilityPlan(
         sample_rows=rows, n_rows=n_rows, dim=dim, n_clusters=k,
         seeds=tuple(cfg.train.seed + i for i in range(n_seeds)), orders=tuple(orders),

@@ -33,9 +33,9 @@ from dask import delayed
 from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
-from . import ids, kernels, sinks, store
+from . import choose_k, ids, kernels, sinks, store
 from .catalog import Catalog, read_model_centres, read_model_ids
-from .config import TrainConfig
+from .config import PostprocessConfig, TrainConfig
 from .context import StageContext
 from .errors import MissingInputError
 from .plan import TrainPlan, plan_training
@@ -454,8 +454,14 @@ def previous_kept_clusters(previous: str, old_ids: np.ndarray) -> set[int] | Non
     return set(summary.loc[summary["size_final"] > 0, "cluster"].tolist())
 
 
-def train_stage(context: StageContext, train: TrainConfig) -> None:
-    """Stage 2: fit the centres and save the model (renumbered after the previous one)."""
+def train_stage(context: StageContext, train: TrainConfig, postprocess: PostprocessConfig) -> None:
+    """Stage 2: fit the centres (choosing k first if it is ``auto``) and save the model,
+    renumbered after the previous one (:mod:`pipeline.ids`)."""
+    sweep = None
+    if train.n_clusters == "auto":
+        sweep = choose_k.sweep_store(context.catalog, train, postprocess, context.plan.blas_threads)
+        log.info("%s", sweep.describe())
+        train = train.model_copy(update={"n_clusters": sweep.chosen})
     plan = training_plan(train, context)
     log.info("%r", plan)
     model = context.executor.compute(
@@ -486,4 +492,9 @@ def train_stage(context: StageContext, train: TrainConfig) -> None:
     description = {**context.metadata, "plan": repr(plan), "metric": plan.metric,
                    "params": params, "history": model.history,
                    "ids": {**match.describe(), **previous}}  # fmt: skip
-    context.catalog.write_model(centres, estimator, description, cluster_ids)
+    tables = {}
+    if sweep is not None:
+        description["k_sweep"] = {"chosen": sweep.chosen, "rule": choose_k.RULE,
+                                  "sample_rows": sweep.sample_rows}  # fmt: skip
+        tables[choose_k.TABLE_NAME] = sweep.table
+    context.catalog.write_model(centres, estimator, description, tables, cluster_ids)
