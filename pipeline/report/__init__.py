@@ -95,7 +95,9 @@ def _read_members(url: str, n_workers: int) -> pd.DataFrame:
     fs, path = store.filesystem(url)
     parts = sinks.part_urls(url) if fs.isdir(path) else [url]
     with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
-        frames = list(pool.map(lambda u: sinks.read_parquet(u, columns=list(SAMPLE_COLUMNS)), parts))
+        frames = list(
+            pool.map(lambda u: sinks.read_parquet(u, columns=list(SAMPLE_COLUMNS)), parts)
+        )
     frames = [f for f in frames if len(f)] or frames[:1]
     return pd.concat(frames, ignore_index=True)
 
@@ -331,8 +333,12 @@ def report_stage(
     sinks.write_text(text, catalog.summary_markdown)
     if context.verbose:
         print(text)
+    from .. import groups
+
+    groups.set_aside_stale(catalog)
+    groups_file = report.groups_file or groups.applied_groups_file(catalog)
     result = write_report(
-        report, input, postprocess, catalog, context.executor.n_cores, report.groups_file
+        report, input, postprocess, catalog, context.executor.n_cores, groups_file
     )
     if context.verbose:
         print(

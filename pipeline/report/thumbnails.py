@@ -31,7 +31,6 @@ IMAGE_TEMPLATE_FIELDS = ("batch_folder", "username", "res_name", "image_name", "
 THUMB_VERSION = "2"  # bump when the crop rule changes, so old thumbnails are not reused
 
 
-
 def crop_box(bbox: str, width: int, height: int) -> tuple[int, int, int, int] | None:
     """The whole-pixel box of ``bbox`` (see :func:`pipeline.schema.parse_bbox`) in an image.
 

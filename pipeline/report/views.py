@@ -186,19 +186,19 @@ def cluster_picks(ordered: pd.DataFrame, n_top: int, n_weak: int, n_tail: int) -
     ([0, 1], [1, 2], [4])
     """
     picks: dict[int, Picks] = {}
-    for c, ids in ordered.groupby("cluster", sort=False).head(n_top).groupby("cluster")[
-        schema.OBJECT_ID
-    ]:
+    for c, ids in (
+        ordered.groupby("cluster", sort=False).head(n_top).groupby("cluster")[schema.OBJECT_ID]
+    ):
         picks.setdefault(int(c), Picks()).top = ids.astype(int).tolist()
     kept = ordered[ordered[schema.STATUS] == schema.STATUS_KEPT]
-    for c, ids in kept.groupby("cluster", sort=False).tail(n_weak).groupby("cluster")[
-        schema.OBJECT_ID
-    ]:
+    for c, ids in (
+        kept.groupby("cluster", sort=False).tail(n_weak).groupby("cluster")[schema.OBJECT_ID]
+    ):
         picks.setdefault(int(c), Picks()).weakest_kept = ids.astype(int).tolist()
     removed = ordered[ordered[schema.STATUS] != schema.STATUS_KEPT]
-    for c, ids in removed.groupby("cluster", sort=False).tail(n_tail).groupby("cluster")[
-        schema.OBJECT_ID
-    ]:
+    for c, ids in (
+        removed.groupby("cluster", sort=False).tail(n_tail).groupby("cluster")[schema.OBJECT_ID]
+    ):
         picks.setdefault(int(c), Picks()).removed_tail = ids.astype(int).tolist()[::-1]
     return picks
 
@@ -283,7 +283,9 @@ def user_mix(usernames: pd.Series, n: int = 4) -> list[tuple[str, int, float]]:
 # --------------------------------------------------------------------------- centres
 
 
-def nearest_clusters(centres: np.ndarray, k: int = 6, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def nearest_clusters(
+    centres: np.ndarray, k: int = 6, block: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest other centres of each centre by cosine, most similar first:
     ``(ids, cosines)``, each ``(n_clusters, k)`` (computed in row blocks).
 
@@ -374,9 +376,7 @@ def _radius(size: float, largest: float) -> float:
     return 2.5 + 9.0 * math.sqrt(max(size, 0) / max(largest, 1))
 
 
-def map_plot(
-    summary: pd.DataFrame, xy: np.ndarray, width: int = 760, height: int = 520
-) -> Plot:
+def map_plot(summary: pd.DataFrame, xy: np.ndarray, width: int = 760, height: int = 520) -> Plot:
     """The centres map: one dot per non-empty cluster at its :func:`centre_map` place,
     the area by members, the colour by dominant tag; removed clusters drawn hollow."""
     tags = summary["dominant_tags"].map(dominant_tag)
