@@ -212,7 +212,7 @@ def write_report(
     site = render.Site(
         root=catalog.root,
         model=fingerprint,
-        report_id=hashlib.sha256(f"{catalog.root}|{fingerprint}".encode()).hexdigest()[:12],
+        report_id=hashlib.sha256(f"model|{fingerprint}".encode()).hexdigest()[:12],
     )
     groups = _load_groups(catalog, groups_file)
     pp = postprocess

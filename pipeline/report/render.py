@@ -184,7 +184,7 @@ def render_index(
         c = int(rec["cluster"])
         state = views.cluster_state(rec)
         picks = catalogue.picks.get(c, views.Picks())
-        strip = picks.strip(8)
+        strip = picks.strip(7)
         weak = [i for i in strip if i in picks.weakest_kept and i not in picks.top[:6]]
         head = [i for i in strip if i not in weak]
         index.append(
