@@ -11,6 +11,7 @@ import os
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -62,7 +63,6 @@ class Tables(HTMLParser):
         self.tables: dict[str, list[dict[str, str]]] = {}
         self.links: list[str] = []
         self.images: list[str] = []
-        self.objects: list[int] = []
         self._table: str | None = None
         self._row: dict[str, str] | None = None
         self.feed(text)
@@ -80,8 +80,6 @@ class Tables(HTMLParser):
             self.links.append(a["href"])
         elif tag == "img":
             self.images.append(a["src"])
-        elif tag == "figure" and "data-object" in a:
-            self.objects.append(int(a["data-object"]))
 
     def handle_endtag(self, tag):
         if tag == "tr" and self._row:
@@ -89,6 +87,23 @@ class Tables(HTMLParser):
             self._row = None
         elif tag == "table":
             self._table = None
+
+
+def members_of(text: str) -> dict[str, list[dict]]:
+    """The member cards of a page, by grid (the JSON its script lays out)."""
+    if 'id="members-data"' not in text:
+        return {}
+    block = text.split('<script type="application/json" id="members-data">')[1]
+    return json.loads(block.split("</script>")[0])
+
+
+GRIDS = ("samples-top", "samples-weakest", "samples-removed", "members-grid")
+
+
+def shown_objects(text: str) -> list[int]:
+    """The members a page shows, in page order."""
+    grids = members_of(text)
+    return [m["id"] for name in GRIDS for m in grids.get(name, [])]
 
 
 def read_page(path: Path) -> Tables:
@@ -165,7 +180,7 @@ def test_cluster_pages_show_sizes_and_every_member(report_run):
         # The top of the page: the most similar members (summarize's rule), then the
         # weakest kept ones (least similar last), then the least similar removed ones.
         top, _ = summarize.cluster_samples(labelled, c, report.GALLERY_CROPS)
-        shown = Tables(text).objects
+        shown = shown_objects(text)
         n_top = min(len(members), report.GALLERY_CROPS)
         assert shown[:n_top] == top[schema.OBJECT_ID].tolist()[:n_top], c
         weakest = kept[schema.OBJECT_ID].tolist()[-report.WEAKEST_KEPT :]
@@ -175,7 +190,7 @@ def test_cluster_pages_show_sizes_and_every_member(report_run):
             on_pages = []
             for p in range(1, views.page_count(len(part), report.MEMBERS_PER_PAGE) + 1):
                 page = folder / views.member_page_name(c, kind, p)
-                on_pages += Tables(page.read_text(encoding="utf-8")).objects
+                on_pages += shown_objects(page.read_text(encoding="utf-8"))
                 assert views.member_page_name(c, kind, p) in text
             assert on_pages == part[schema.OBJECT_ID].tolist(), (c, kind)
         if state == "removed":
@@ -187,10 +202,15 @@ def test_cluster_pages_show_sizes_and_every_member(report_run):
 def test_every_link_resolves_and_every_image_exists(report_run):
     _, paths = report_run
     folder = Path(paths.report)
-    pages = [folder / "index.html", *sorted((folder / "clusters").glob("*.html"))]
-    n_images = 0
+    pages = [
+        folder / "index.html",
+        folder / "gallery.html",
+        *sorted(folder.glob("clusters/*.html")),
+    ]
+    n_images = n_sources = 0
     for path in pages:
-        page = read_page(path)
+        text = path.read_text(encoding="utf-8")
+        page = Tables(text)
         for link in page.links:
             target = link.split("#")[0]
             if target:
@@ -198,7 +218,13 @@ def test_every_link_resolves_and_every_image_exists(report_run):
         for src in page.images:
             assert (path.parent / src).is_file(), (path.name, src)
             n_images += 1
-    assert n_images > 0
+        for m in (m for grid in members_of(text).values() for m in grid):
+            if "t" in m:
+                assert (folder / "thumbs" / m["t"][0]).is_file()
+            else:  # the source image, relative to the page
+                assert (path.parent / unquote(m["src"])).resolve().is_file(), m
+                n_sources += 1
+    assert n_images > 0 and n_sources > 0
 
 
 def gradient_image(width: int, height: int) -> Image.Image:
@@ -239,7 +265,7 @@ def test_crop_files_are_the_bbox_region_of_the_source_image(report_run):
         error = np.abs(thumb - expected).mean()
         shifted = (box[0] + 17, box[1] + 11, box[2] + 17, box[3] + 11)
         other = np.asarray(source.crop(shifted).resize(size, Image.Resampling.BICUBIC), np.float64)
-        assert error < 3.0, (path.name, error)
+        assert error < 4.0, (path.name, error)  # JPEG q88 noise on sharp drawn edges
         errors.append(error)
         others.append(np.abs(thumb - other).mean())
     assert len(errors) >= 10
@@ -272,7 +298,8 @@ def test_missing_images_root_gives_metadata_cards(report_run, tmp_path, caplog):
         result = render_report(missing, n_workers=1)
     assert "does not exist" in caplog.text and "metadata cards" in caplog.text
     page = (copy / "report" / "clusters" / "0.html").read_text(encoding="utf-8")
-    assert "<img" not in page and 'class="meta-card"' in page
+    cards = [m for grid in members_of(page).values() for m in grid]
+    assert cards and not any("t" in m or "src" in m for m in cards)  # metadata cards
     assert "<img" not in (copy / "report" / "index.html").read_text(encoding="utf-8")
     assert result.thumbnails.made == 0
     assert not list((copy / "report" / "thumbs").glob("*"))
@@ -386,7 +413,7 @@ def test_template_escapes_hostile_values():
 
     site = render.Site(root="<script>alert(1)</script>", model="m", report_id="r")
     html = render.render("members.html", title="<b>", prefix="../", site=site, cluster=1,
-                         state="whole", kind="kept", members=[], page=1, pages=1, first=1,
+                         state="whole", kind="kept", grids={"members-grid": []}, page=1, pages=1, first=1,
                          last=0, total=0, prev=None, next=None)  # fmt: skip
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
     assert "<title>&lt;b&gt;</title>" in html

@@ -44,13 +44,12 @@ from ..context import StageContext
 from ..errors import PipelineError
 from . import render, views
 from .thumbnails import (
-    SourceCrop,
     Thumb,
     ThumbStats,
     crop_box,
     crop_thumbnail,
     make_thumbnails,
-    source_crops,
+    source_urls,
     thumbnail_size,
 )
 from .views import SIM_BIN_EDGES, ClusterState, cluster_state, similarity_counts, size_histogram
@@ -58,7 +57,7 @@ from .views import SIM_BIN_EDGES, ClusterState, cluster_state, similarity_counts
 __all__ = [
     "ReportResult", "write_report", "report_stage", "cluster_state", "ClusterState",
     "crop_box", "crop_thumbnail", "thumbnail_size", "make_thumbnails", "Thumb", "ThumbStats",
-    "SourceCrop", "SIM_BIN_EDGES", "similarity_counts", "size_histogram", "SAMPLE_COLUMNS",
+    "source_urls", "SIM_BIN_EDGES", "similarity_counts", "size_histogram", "SAMPLE_COLUMNS",
 ]  # fmt: skip
 
 log = logging.getLogger("pipeline")
@@ -69,7 +68,9 @@ SAMPLE_COLUMNS: tuple[str, ...] = (
     "batch_folder", "username", "res_name", "image_name", "idx", "bbox",
 )  # fmt: skip
 #: Crops per gallery tile (and most similar members on a cluster page).
-GALLERY_CROPS = 12
+GALLERY_CROPS = 9
+#: Weakest kept members at the end of an index row's strip.
+STRIP_WEAKEST = 2
 #: Weakest kept members shown on the index strip's end and on each cluster page.
 WEAKEST_KEPT = 4
 #: Members per page of the all-members pages.
@@ -198,7 +199,9 @@ def write_report(
     ordered = views.order_members(_read_members(catalog.postprocessed, n_workers))
     sim_counts = similarity_counts(ordered)
     picks = views.cluster_picks(ordered, GALLERY_CROPS, WEAKEST_KEPT, report.samples_per_cluster)
-    shown = set().union(*(p.ids() for p in picks.values())) if picks else set()
+    # Thumbnails only for what the overview and the gallery show; every other member is
+    # cropped from its source image by the page's script (nothing to decode here).
+    shown = {i for p in picks.values() for i in p.top + p.weakest_kept[-STRIP_WEAKEST:]}
     overview_rows = ordered[ordered[schema.OBJECT_ID].isin(shown)]
     try:
         centres = catalog.read_centres()
@@ -223,15 +226,12 @@ def write_report(
         )  # fmt: skip
         rest = ordered[~ordered[schema.OBJECT_ID].isin(set(thumbs))]
         page_dir = os.path.join(os.path.abspath(catalog.report), "clusters")
-        crops = source_crops(rest, input, page_dir) if store.is_local(catalog.report) else {}
+        crops = source_urls(rest, input, page_dir) if store.is_local(catalog.report) else {}
         states = {int(r["cluster"]): cluster_state(r) for r in summary.to_dict("records")}
-        records = ordered.to_dict("records")
-        catalogue = render.Catalogue(picks=picks)
-        for row in records:
-            o = int(row[schema.OBJECT_ID])
-            catalogue.members[o] = render.member(
-                row, thumbs.get(o), crops.get(o), states[int(row["cluster"])].state == "removed"
-            )
+        removed = {c for c, st in states.items() if st.state == "removed"}
+        catalogue = render.Catalogue(
+            members=render.member_records(ordered, thumbs, crops, removed), picks=picks
+        )
         static = Path(__file__).with_name("static")
         shutil.copyfile(static / "report.css", folder / "report.css")
         shutil.copyfile(static / "report.js", folder / "report.js")
@@ -246,6 +246,8 @@ def write_report(
         pages.mkdir()
         histograms = _cluster_histograms(ordered)
         by_cluster = {int(c): part for c, part in ordered.groupby("cluster", sort=False)}
+        user_counts = ordered.groupby(["cluster", "username"], sort=False).size()
+        users_of = {int(c): part.droplevel(0) for c, part in user_counts.groupby(level=0)}
         empty = ordered.iloc[:0]
         group_of = groups.get("group_of", {})
         n_pages = 0
@@ -284,7 +286,7 @@ def write_report(
                         {"cluster": oc, "state": states[oc].state, "cos": views.fmt_float(cos),
                          "cos_raw": views.raw(float(cos)), "size_final": int(orec["size_final"]),
                          "tags": orec["dominant_tags"],
-                         "crops": catalogue.of(picks.get(oc, views.Picks()).top[:4])}
+                         "crops": catalogue.crops(picks.get(oc, views.Picks()).top[:4], 56, "../")}
                     )  # fmt: skip
             rescue: list[str] = []
             if state.state == "removed":
@@ -296,7 +298,7 @@ def write_report(
                 histograms.get(c, {"all": np.zeros(100), "kept": np.zeros(100)}),
                 pp.min_similarity, "Cosine to the centre", small=True,
             )  # fmt: skip
-            mix = views.user_mix(members["username"]) if len(members) else []
+            mix = views.user_mix(users_of.get(c, pd.Series(dtype="int64")))
             prev_c = int(summary_records[i - 1]["cluster"]) if i > 0 else None
             next_c = (
                 int(summary_records[i + 1]["cluster"]) if i + 1 < len(summary_records) else None

@@ -15,7 +15,7 @@ from markupsafe import Markup
 from .. import schema, summarize
 from ..config import PostprocessConfig
 from . import views
-from .thumbnails import SourceCrop, Thumb, crop_box
+from .thumbnails import Thumb
 
 
 @lru_cache(maxsize=1)
@@ -45,68 +45,69 @@ class Site:
     report_id: str
 
 
-@dataclass
-class Member:
-    """One member as a card or a crop shows it (strings already formatted)."""
-
-    id: int
-    cluster: int
-    kind: str
-    status: str
-    status_label: str
-    sim: str
-    dist: str
-    tag: str
-    score: str
-    user: str
-    image: str
-    idx: str
-    excludable: bool
-    box_size: str
-    thumb: Thumb | None = None
-    crop: SourceCrop | None = None
-
-
-def member(
-    row: dict, thumb: Thumb | None, crop: SourceCrop | None, cluster_removed: bool
-) -> Member:
-    """The card of one member (a row of ``postprocessed.parquet``).
+def member_records(
+    ordered: pd.DataFrame,
+    thumbs: dict[int, Thumb],
+    urls: dict[int, str],
+    removed_clusters: set[int],
+) -> dict[int, dict]:
+    """The card of every member (rows of ``postprocessed.parquet``), as the JSON the
+    page's script lays out: ``id``, ``c`` cluster, ``k`` kept, ``s`` status, ``sim``, ``d``
+    distance, ``tag``, ``sc`` score, ``u`` user, ``im`` image, ``ix`` idx, ``b`` bbox,
+    ``x`` excludable, and ``t`` its thumbnail ``[name, width, height]`` or ``src`` its
+    source image (relative to ``clusters/``).
 
     Kept members can be excluded from a group; so can the members of a removed cluster
     that passed the dedupe step (the rows ``include_removed`` brings in).
     """
-    status = str(row[schema.STATUS])
-    kept = status == schema.STATUS_KEPT
-    box = crop_box(row["bbox"], 10**9, 10**9)
-    return Member(
-        id=int(row[schema.OBJECT_ID]),
-        cluster=int(row["cluster"]),
-        kind="kept" if kept else "removed",
-        status=status,
-        status_label=views.STATUS_LABELS.get(status, status),
-        sim=views.fmt_float(row["sim"]),
-        dist=views.fmt_float(row["dist"]),
-        tag=str(row["tag"]),
-        score=views.fmt_float(row["score"], 2),
-        user=str(row["username"]),
-        image=str(row["image_name"]),
-        idx=str(row["idx"]),
-        excludable=kept or (cluster_removed and status != schema.STATUS_DUPLICATE),
-        box_size=f"{box[2] - box[0]}×{box[3] - box[1]}" if box else "no box",
-        thumb=thumb,
-        crop=crop,
-    )
+    columns = [schema.OBJECT_ID, "cluster", schema.STATUS, "tag", "username", "image_name",
+               "idx", "bbox"]  # fmt: skip
+    sims = np.round(ordered["sim"].to_numpy(dtype=np.float64), 3).tolist()
+    dists = np.round(ordered["dist"].to_numpy(dtype=np.float64), 3).tolist()
+    scores = np.round(ordered["score"].to_numpy(dtype=np.float64), 2).tolist()
+    out: dict[int, dict] = {}
+    rows = zip(*(ordered[c].tolist() for c in columns), sims, dists, scores, strict=True)
+    for object_id, cluster, status, tag, user, image, idx, bbox, sim, dist, score in rows:
+        kept = status == schema.STATUS_KEPT
+        record = {
+            "id": object_id, "c": cluster, "k": kept, "s": status, "sim": sim, "d": dist,
+            "tag": tag, "sc": score, "u": user, "im": image, "ix": idx, "b": bbox,
+            "x": kept or (cluster in removed_clusters and status != schema.STATUS_DUPLICATE),
+        }  # fmt: skip
+        thumb = thumbs.get(object_id)
+        if thumb is not None:
+            record["t"] = [thumb.name, thumb.width, thumb.height]
+        elif object_id in urls:
+            record["src"] = urls[object_id]
+        out[object_id] = record
+    return out
 
 
 @dataclass
 class Catalogue:
-    """Every member's card, by object id, and each cluster's picks."""
+    """Every member's card (see :func:`member_records`), by object id, and each
+    cluster's picks."""
 
-    members: dict[int, Member] = field(default_factory=dict)
+    members: dict[int, dict] = field(default_factory=dict)
     picks: dict[int, views.Picks] = field(default_factory=dict)
 
-    def of(self, ids: list[int]) -> list[Member]:
+    def of(self, ids) -> list[dict]:
         return [self.members[i] for i in ids if i in self.members]
+
+    def crops(self, ids, size: int, prefix: str = "") -> list[dict]:
+        """Small crops of ``ids`` for a strip or a tile: ``src``, ``w``, ``h``, ``alt``
+        (scaled so the longer side is ``size``), or ``tag`` alone without a thumbnail."""
+        out = []
+        for m in self.of(ids):
+            alt = f"{m['tag']}, object {m['id']}"
+            if "t" in m:
+                name, w, h = m["t"]
+                scale = size / max(w, h)
+                out.append({"src": f"{prefix}thumbs/{name}", "w": round(w * scale),
+                            "h": round(h * scale), "alt": alt})  # fmt: skip
+            else:
+                out.append({"src": None, "tag": m["tag"], "alt": alt})
+        return out
 
 
 # --------------------------------------------------------------------------- index
@@ -191,7 +192,7 @@ def render_index(
             {
                 "cluster": c, "state": state.state, "explanation": state.explanation,
                 "tag": views.dominant_tag(rec["dominant_tags"]),
-                "strip": catalogue.of(head), "weak": catalogue.of(weak),
+                "strip": catalogue.crops(head, 36), "weak": catalogue.crops(weak, 36),
                 "size": int(rec["size"]), "size_final": int(rec["size_final"]),
                 "mean_sim": views.fmt_float(rec["mean_sim"]),
                 "mean_sim_raw": views.raw(rec["mean_sim"]),
@@ -234,7 +235,10 @@ def render_index(
     ]  # fmt: skip
     group_rows = []
     for name, n_objects, clusters in groups.get("rows", []):
-        crops = [(c, catalogue.of(catalogue.picks.get(c, views.Picks()).top[:2])) for c in clusters]
+        crops = [
+            (c, catalogue.crops(catalogue.picks.get(c, views.Picks()).top[:2], 32))
+            for c in clusters
+        ]
         group_rows.append({"name": name, "objects": n_objects, "clusters": crops})
     return render(
         "index.html",
@@ -271,7 +275,7 @@ def render_gallery(site: Site, summary: pd.DataFrame, catalogue: Catalogue, n_cr
             {
                 "cluster": c, "state": views.cluster_state(rec).state,
                 "tag": views.dominant_tag(rec["dominant_tags"]),
-                "members": catalogue.of(picks.top[:n_crops]),
+                "members": catalogue.crops(picks.top[:n_crops], 52),
                 "size": int(rec["size"]), "size_final": int(rec["size_final"]),
                 "mean_sim": views.fmt_float(rec["mean_sim"]),
             }
@@ -377,9 +381,11 @@ def render_cluster_page(
         "steps": [{"name": n, "rows": r, "status": s, "removed": k} for n, r, s, k in steps],
         "health": health(rec, mix, histogram),
         "nearest": nearest,
-        "top": catalogue.of(picks.top),
-        "weakest": catalogue.of(picks.weakest_kept),
-        "removed_tail": catalogue.of(picks.removed_tail),
+        "grids": {
+            "samples-top": catalogue.of(picks.top),
+            "samples-weakest": catalogue.of(picks.weakest_kept),
+            "samples-removed": catalogue.of(picks.removed_tail),
+        },
         "member_pages": member_pages,
     }
     return render(
@@ -393,7 +399,7 @@ def render_member_page(
     cluster: int,
     state: str,
     kind: str,
-    members: list[Member],
+    members: list[dict],
     page: int,
     pages: int,
     first: int,
@@ -408,7 +414,7 @@ def render_member_page(
         cluster=cluster,
         state=state,
         kind=kind,
-        members=members,
+        grids={"members-grid": members},
         page=page,
         pages=pages,
         first=first,

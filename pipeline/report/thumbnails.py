@@ -274,21 +274,12 @@ def make_thumbnails(
     return thumbs, stats
 
 
-@dataclass(frozen=True)
-class SourceCrop:
-    """A member shown by its source image, cropped in the browser: the image's URL relative
-    to the page and the box (whole pixels, as :func:`crop_box` with no clipping)."""
-
-    url: str
-    box: tuple[int, int, int, int]
-
-
-def source_crops(rows: pd.DataFrame, cfg: InputConfig, page_dir: str) -> dict[int, SourceCrop]:
-    """The source image of each object in ``rows``, for pages that show every member.
+def source_urls(rows: pd.DataFrame, cfg: InputConfig, page_dir: str) -> dict[int, str]:
+    """The source image of each object in ``rows``, as a URL relative to ``page_dir``, for
+    the members shown without a thumbnail (the page's script crops it to the box).
 
     Only for a local ``images_root``: each image is checked once (a regular file that
-    resolves inside the root, as for thumbnails), never decoded here; the page's script
-    scales and clips it to the box when the browser loads it (lazily).
+    resolves inside the root, as for thumbnails), never decoded here.
     """
     from urllib.parse import quote
 
@@ -298,24 +289,34 @@ def source_crops(rows: pd.DataFrame, cfg: InputConfig, page_dir: str) -> dict[in
     if not os.path.isdir(root):
         return {}
     real_root = os.path.realpath(root)
-    checked: dict[str, str | None] = {}
-    out: dict[int, SourceCrop] = {}
+    fields = [f for f in IMAGE_TEMPLATE_FIELDS if f in rows.columns]
     try:
-        for row in rows.to_dict("records"):
-            source = image_path(cfg, row)
-            if source not in checked:
-                url = None
-                if store.resolves_inside(source, real_root):
-                    try:
-                        if stat.S_ISREG(os.stat(source).st_mode):
-                            url = quote(Path(os.path.relpath(source, page_dir)).as_posix())
-                    except OSError:
-                        pass
-                checked[source] = url
-            url = checked[source]
-            box = crop_box(row["bbox"], 10**9, 10**9)
-            if url is not None and box is not None:
-                out[int(row[schema.OBJECT_ID])] = SourceCrop(url, box)
+        relatives = [
+            cfg.image_template.format(**dict(zip(fields, values, strict=True)))
+            for values in zip(*(rows[f].tolist() for f in fields), strict=True)
+        ]
     except (KeyError, IndexError, ValueError):
         return {}  # a template the fields cannot fill: make_thumbnails has warned
+    base = Path(os.path.relpath(root, page_dir)).as_posix()
+    checked: dict[str, str | None] = {}
+    out: dict[int, str] = {}
+    for object_id, relative in zip(rows[schema.OBJECT_ID].tolist(), relatives, strict=True):
+        url = checked.get(relative, "")
+        if url == "":
+            url = None
+            source = store.join(root, relative)
+            folder = store._real_folder(os.path.dirname(os.path.abspath(source)))
+            try:
+                mode = os.lstat(source).st_mode if store._inside(folder, real_root) else 0
+                if stat.S_ISLNK(mode):  # a link: only when it resolves inside the root
+                    real = os.path.realpath(source)
+                    inside = store._inside(real, real_root)
+                    mode = os.stat(real).st_mode if inside else 0
+                if stat.S_ISREG(mode):
+                    url = quote(f"{base}/{relative}")
+            except OSError:
+                pass
+            checked[relative] = url
+        if url is not None:
+            out[int(object_id)] = url
     return out

@@ -262,13 +262,14 @@ def rescue_settings(
     return out
 
 
-def user_mix(usernames: pd.Series, n: int = 4) -> list[tuple[str, int, float]]:
-    """The ``n`` users with most members and the rest, as ``(user, count, share)``.
+def user_mix(counts: pd.Series, n: int = 4) -> list[tuple[str, int, float]]:
+    """The ``n`` users with most members and the rest, as ``(user, count, share)``, from
+    the members per user (a series indexed by user).
 
-    >>> user_mix(pd.Series(["a", "b", "a", "c"]), 2)
+    >>> user_mix(pd.Series({"a": 2, "b": 1, "c": 1, "d": 0}), 2)
     [('a', 2, 0.5), ('b', 1, 0.25), ('2 others', 1, 0.25)]
     """
-    counts = usernames.value_counts()
+    counts = counts[counts > 0]
     counts = counts.iloc[np.lexsort((counts.index.to_numpy(dtype=str), -counts.to_numpy()))]
     total = int(counts.sum())
     if not total:
@@ -276,7 +277,7 @@ def user_mix(usernames: pd.Series, n: int = 4) -> list[tuple[str, int, float]]:
     out = [(str(u), int(k), k / total) for u, k in counts.head(n).items()]
     rest = counts.iloc[n:]
     if len(rest):
-        out.append((f"{len(counts) - n} others", int(rest.sum()), int(rest.sum()) / total))
+        out.append((f"{len(rest)} others", int(rest.sum()), int(rest.sum()) / total))
     return out
 
 
@@ -320,13 +321,25 @@ def centre_map(centres: np.ndarray) -> np.ndarray:
     """
     norms = np.linalg.norm(centres, axis=1, keepdims=True)
     unit = centres / np.where(norms == 0, 1, norms)
-    centred = unit - unit.mean(axis=0)
+    centred = (unit - unit.mean(axis=0)).astype(np.float64)
     if len(centred) < 2:
         return np.full((len(centred), 2), 0.5)
-    _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
-    axes = vt[:2]
+    # The principal axes from the smaller Gram matrix (k x k for k centres of dim > k);
+    # one BLAS thread: a small matrix, and the stage's other threads are busy.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        gram = centred @ centred.T if len(centred) <= centred.shape[1] else centred.T @ centred
+        values, vectors = np.linalg.eigh(gram)
+    if len(centred) <= centred.shape[1]:
+        order = np.argsort(values)[::-1][:2]
+        axes = (centred.T @ vectors[:, order]).T
+        axes /= np.where(np.linalg.norm(axes, axis=1, keepdims=True) == 0, 1,
+                         np.linalg.norm(axes, axis=1, keepdims=True))  # fmt: skip
+    else:
+        axes = vectors[:, np.argsort(values)[::-1][:2]].T
     if len(axes) < 2:
-        axes = np.vstack([axes, np.zeros_like(axes)])
+        axes = np.vstack([axes, np.zeros((2 - len(axes), centred.shape[1]))])
     signs = np.sign(axes[np.arange(2), np.abs(axes).argmax(axis=1)])
     xy = centred @ (axes * np.where(signs == 0, 1, signs)[:, None]).T
     lo, hi = xy.min(axis=0), xy.max(axis=0)
@@ -604,12 +617,17 @@ def similarity_chart(
     """The cosine histogram of all and of kept members, over the bins that hold any
     (and the threshold), with the threshold marked."""
     counts_all, counts_kept = counts["all"], counts["kept"]
+    edges_all = SIM_BIN_EDGES
+    if small:  # 0.04 wide: a few bars for a cluster's page
+        counts_all = counts_all.reshape(-1, 2).sum(axis=1)
+        counts_kept = counts_kept.reshape(-1, 2).sum(axis=1)
+        edges_all = SIM_BIN_EDGES[::2]
     nonzero = np.flatnonzero(counts_all)
     lo, hi = (nonzero[0], nonzero[-1] + 1) if len(nonzero) else (0, len(counts_all))
-    t_bin = int(np.clip(np.searchsorted(SIM_BIN_EDGES, threshold), 0, len(counts_all)))
+    t_bin = int(np.clip(np.searchsorted(edges_all, threshold), 0, len(counts_all)))
     lo, hi = min(lo, t_bin), max(hi, t_bin)
-    edges = SIM_BIN_EDGES[lo : hi + 1]
-    bin_w = SIM_BIN_EDGES[1] - SIM_BIN_EDGES[0]
+    edges = edges_all[lo : hi + 1]
+    bin_w = edges_all[1] - edges_all[0]
     size = {"width": 360, "height": 150, "margins": (40, 8, 24, 34)} if small else {}
     return bar_chart(
         [f"{e:.2f}" for e in edges[:-1]],

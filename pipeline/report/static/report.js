@@ -7,6 +7,98 @@
   var KEY = 'pipeline-review:' + (body.dataset.report || 'report');
   var all = function (sel, root) { return Array.prototype.slice.call((root || document).querySelectorAll(sel)); };
 
+  // ------------------------------------------------------------------ member cards
+  // Cards are laid out here from the page's JSON (text set as text, never as HTML).
+  var STATUS_LABELS = {
+    'kept': 'kept', 'removed:duplicate_image': 'duplicate image',
+    'removed:low_similarity': 'low similarity', 'removed:small_cluster': 'small cluster'
+  };
+  function el(tag, cls, text) {
+    var node = document.createElement(tag);
+    if (cls) { node.className = cls; }
+    if (text !== undefined) { node.textContent = text; }
+    return node;
+  }
+  function parseBox(text) {
+    try {
+      var b = JSON.parse(text);
+      if (!Array.isArray(b) || b.length !== 4 || !b.every(isFinite)) { return null; }
+      var box = [Math.floor(Math.min(b[0], b[2])), Math.floor(Math.min(b[1], b[3])),
+        Math.ceil(Math.max(b[0], b[2])), Math.ceil(Math.max(b[1], b[3]))];
+      return box[2] > box[0] && box[3] > box[1] ? box : null;
+    } catch (e) { return null; }
+  }
+  function fixed(v, n) { return (v === null || v === undefined || isNaN(v)) ? '–' : Number(v).toFixed(n); }
+  function card(m) {
+    var kind = m.k ? 'kept' : 'removed';
+    var fig = el('figure', 'card ' + kind);
+    fig.dataset.object = String(m.id);
+    var pic = el('div', 'pic');
+    var alt = m.tag + ', object ' + m.id;
+    var box = parseBox(m.b);
+    if (m.t) {
+      var img = el('img');
+      img.loading = 'lazy';
+      img.width = m.t[1];
+      img.height = m.t[2];
+      img.alt = alt;
+      img.src = '../thumbs/' + m.t[0];
+      pic.appendChild(img);
+    } else if (m.src && box) {
+      var crop = el('img', 'src-crop');
+      crop.loading = 'lazy';
+      crop.alt = alt;
+      crop.dataset.box = box.join(' ');
+      crop.src = m.src;
+      pic.appendChild(crop);
+    } else {
+      var meta = el('span', 'meta-card');
+      meta.title = 'no image: metadata only';
+      meta.appendChild(el('span', 'meta-tag', m.tag));
+      meta.appendChild(el('span', '', box ? (box[2] - box[0]) + '×' + (box[3] - box[1]) + ' px' : 'no box'));
+      pic.appendChild(meta);
+    }
+    fig.appendChild(pic);
+    var cap = el('figcaption');
+    var first = el('div');
+    first.appendChild(el('b', '', 'sim ' + fixed(m.sim, 3)));
+    first.appendChild(document.createTextNode(' · dist ' + fixed(m.d, 3)));
+    cap.appendChild(first);
+    var second = el('div');
+    var status = el('span', 'status ' + kind, STATUS_LABELS[m.s] || m.s);
+    status.title = m.s;
+    second.appendChild(status);
+    second.appendChild(document.createTextNode(' · ' + m.tag + ' ' + fixed(m.sc, 2)));
+    cap.appendChild(second);
+    var who = el('div', 'muted', m.u + ' #' + m.ix);
+    who.title = m.u + '/' + m.im + ' idx ' + m.ix;
+    cap.appendChild(who);
+    cap.appendChild(el('div', 'muted', 'object ' + m.id));
+    if (m.x) {
+      var label = el('label', 'excl');
+      var box2 = el('input', 'exclude');
+      box2.type = 'checkbox';
+      box2.dataset.object = String(m.id);
+      box2.dataset.cluster = String(m.c);
+      label.appendChild(box2);
+      label.appendChild(document.createTextNode(' exclude'));
+      cap.appendChild(label);
+    }
+    fig.appendChild(cap);
+    return fig;
+  }
+  var data = document.getElementById('members-data');
+  if (data) {
+    var grids = JSON.parse(data.textContent);
+    Object.keys(grids).forEach(function (id) {
+      var target = document.getElementById(id);
+      if (!target) { return; }
+      var frag = document.createDocumentFragment();
+      grids[id].forEach(function (m) { frag.appendChild(card(m)); });
+      target.appendChild(frag);
+    });
+  }
+
   // ------------------------------------------------------------------ state
   function fresh() { return { version: 1, groups: [], active: 0, excluded: {} }; }
   function load() {
