@@ -581,7 +581,12 @@ def test_filters_sorting_gallery_and_pages_in_the_browser(report_run, tab):
     page.screenshot(path=str(ARTIFACTS / "report-cluster-removed.png"), full_page=True)
     page.click("#member-pages a >> nth=0")
     assert load_all_images(page) == []
-    assert page.evaluate("document.querySelectorAll('img.src-crop:not(.fitted)').length") == 0
+    # Members without a thumbnail show their source image, cropped to a visible box.
+    crops = page.evaluate(
+        "Array.from(document.querySelectorAll('img.src-crop')).map(i => [i.classList.contains("
+        "'fitted'), i.parentNode.getBoundingClientRect().height, i.getBoundingClientRect().width])"
+    )
+    assert crops and all(fitted and h >= 64 and w > 0 for fitted, h, w in crops), crops[:3]
     assert errors == []
 
 

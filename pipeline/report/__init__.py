@@ -216,6 +216,7 @@ def write_report(
         root=catalog.root,
         model=fingerprint,
         report_id=hashlib.sha256(f"model|{fingerprint}".encode()).hexdigest()[:12],
+        px=report.thumbnail_px,
     )
     groups = _load_groups(catalog, groups_file)
     pp = postprocess

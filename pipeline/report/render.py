@@ -43,6 +43,7 @@ class Site:
     root: str
     model: str
     report_id: str
+    px: int = 96
 
 
 def member_records(

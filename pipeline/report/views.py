@@ -312,7 +312,7 @@ def nearest_clusters(
 
 def centre_map(centres: np.ndarray) -> np.ndarray:
     """A 2-D projection of the unit centres (their first two principal axes), scaled to
-    ``[0, 1]`` on each axis: ``(n_clusters, 2)``; the sign of each axis is fixed so the
+    ``[0, 1]`` on each axis (outliers clipped to the edge): ``(n_clusters, 2)``; the sign of each axis is fixed so the
     largest loading is positive (the same centres always give the same picture).
 
     >>> xy = centre_map(np.array([[1., 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]]))
@@ -342,8 +342,10 @@ def centre_map(centres: np.ndarray) -> np.ndarray:
         axes = np.vstack([axes, np.zeros((2 - len(axes), centred.shape[1]))])
     signs = np.sign(axes[np.arange(2), np.abs(axes).argmax(axis=1)])
     xy = centred @ (axes * np.where(signs == 0, 1, signs)[:, None]).T
-    lo, hi = xy.min(axis=0), xy.max(axis=0)
-    return (xy - lo) / np.where(hi > lo, hi - lo, 1)
+    # Scaled by the 1st-99th percentiles (a few far-off centres would squash the rest
+    # into a corner), clipped to the frame.
+    lo, hi = np.percentile(xy, 1, axis=0), np.percentile(xy, 99, axis=0)
+    return np.clip((xy - lo) / np.where(hi > lo, hi - lo, 1), 0.0, 1.0)
 
 
 def tag_colours(tags: pd.Series) -> dict[str, str]:
