@@ -266,8 +266,8 @@ def user_mix(counts: pd.Series, n: int = 4) -> list[tuple[str, int, float]]:
     """The ``n`` users with most members and the rest, as ``(user, count, share)``, from
     the members per user (a series indexed by user).
 
-    >>> user_mix(pd.Series({"a": 2, "b": 1, "c": 1, "d": 0}), 2)
-    [('a', 2, 0.5), ('b', 1, 0.25), ('2 others', 1, 0.25)]
+    >>> user_mix(pd.Series({"a": 4, "b": 2, "c": 1, "d": 1, "e": 0}), 2)
+    [('a', 4, 0.5), ('b', 2, 0.25), ('2 others', 2, 0.25)]
     """
     counts = counts[counts > 0]
     counts = counts.iloc[np.lexsort((counts.index.to_numpy(dtype=str), -counts.to_numpy()))]
@@ -277,7 +277,13 @@ def user_mix(counts: pd.Series, n: int = 4) -> list[tuple[str, int, float]]:
     out = [(str(u), int(k), k / total) for u, k in counts.head(n).items()]
     rest = counts.iloc[n:]
     if len(rest):
-        out.append((f"{len(rest)} others", int(rest.sum()), int(rest.sum()) / total))
+        out.append(
+            (
+                f"{len(rest)} other{'s' if len(rest) != 1 else ''}",
+                int(rest.sum()),
+                int(rest.sum()) / total,
+            )
+        )
     return out
 
 
