@@ -314,7 +314,7 @@ def source_urls(rows: pd.DataFrame, cfg: InputConfig, page_dir: str) -> dict[int
                     mode = os.stat(real).st_mode if inside else 0
                 if stat.S_ISREG(mode):
                     url = quote(f"{base}/{relative}")
-            except OSError:
+            except (OSError, ValueError):  # ValueError: a NUL in a name
                 pass
             checked[relative] = url
         if url is not None:
