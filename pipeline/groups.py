@@ -7,29 +7,35 @@ A small YAML file names each group and its clusters, and optionally objects to l
         clusters: [3, 17]
         exclude_objects: [1234]      # object_id, as shown on the report's cluster pages
       - name: bags
-        clusters: [42]
+        clusters: [42, 57]
+        include_removed: true        # 57 was removed by post-processing: rescue it
 
 It is checked against the run once, at the edge (:func:`check_groups`): every cluster must
-be a kept cluster of the run, a cluster belongs to at most one group, names are unique and
-no group is empty. Each problem is a one-line :class:`~pipeline.errors.InputError` naming
-the file and the key. :func:`apply_groups` then writes ``ins_posts_groups.csv`` and
-``.parquet``: the selected objects (rows of ``ins_posts_clusters``) of every group, with a
-``group`` column.
+be a kept cluster of the run (or, with ``include_removed``, a removed one), a cluster belongs
+to at most one group, names are unique and no group is empty. Every problem is reported at
+once, one line each, naming the file, the YAML line and column, and the key (an
+:class:`~pipeline.errors.InputError`). :func:`apply_groups` then writes
+``ins_posts_groups.csv`` and ``.parquet``: the selected objects (rows of
+``ins_posts_clusters``) of every group, with a ``group`` column; a removed cluster brings its
+members after the dedupe step. The Parquet metadata records the model's fingerprint, and
+:func:`set_aside_stale` moves groups outputs of an earlier clustering out of the way.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import schema, sinks
 from .catalog import Catalog, run_metadata
-from .config import Config, _format_validation_error, read_yaml_mapping
-from .errors import ConfigError, InputError, MissingInputError, StageOrderError
+from .config import Config, _format_validation_error, _NoAliasLoader, read_yaml_mapping
+from .errors import ConfigError, InputError, MissingInputError, PipelineError, StageOrderError
 
 log = logging.getLogger("pipeline")
 
@@ -42,6 +48,7 @@ class GroupSpec(BaseModel):
     name: str
     clusters: list[int]
     exclude_objects: list[int] = []
+    include_removed: bool = False
     note: str | None = None
 
 
@@ -101,7 +108,60 @@ def load_groups(path: str | Path) -> GroupsSpec:
     try:
         return GroupsSpec.model_validate(data)
     except ValidationError as exc:
-        raise InputError(_format_validation_error(exc, source)) from None
+        raise InputError(with_positions(_format_validation_error(exc, source), p)) from None
+
+
+def key_positions(text: str) -> dict[str, tuple[int, int]]:
+    r"""The 1-based line and column of every key path of a YAML text (``groups.0.clusters``
+    names the key ``clusters`` of the first group; ``groups.0.clusters.1`` its 2nd item).
+
+    >>> key_positions("groups:\n  - name: a\n    clusters: [3, 4]\n")["groups.0.clusters.1"]
+    (3, 19)
+    """
+    try:
+        root = yaml.compose(text, Loader=_NoAliasLoader)  # noqa: S506 - no aliases
+    except yaml.YAMLError:
+        return {}
+    out: dict[str, tuple[int, int]] = {}
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = f"{path}.{key.value}" if path else str(key.value)
+                out[child] = (key.start_mark.line + 1, key.start_mark.column + 1)
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                child = f"{path}.{i}" if path else str(i)
+                out[child] = (item.start_mark.line + 1, item.start_mark.column + 1)
+                walk(item, child)
+
+    if root is not None:
+        walk(root, "")
+    return out
+
+
+def with_positions(message: str, path: str | Path) -> str:
+    """Put ``:line:column`` after the file name of each line that names a key (the key's
+    own place, or its nearest parent's when the key is missing)."""
+    try:
+        positions = key_positions(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return message
+    lines = []
+    for line in message.splitlines():
+        match = re.search(r"key '([^']+)'", line)
+        if match and positions:
+            key = match.group(1)
+            while key and key not in positions:
+                key = key.rpartition(".")[0]
+            if key:
+                row, column = positions[key]
+                source = str(path)
+                if line.startswith(f"{source}: "):
+                    line = f"{source}:{row}:{column}: " + line[len(source) + 2 :]
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def drop_gone_clusters(
@@ -141,10 +201,11 @@ def drop_gone_clusters(
 
 
 def check_groups(spec: GroupsSpec, summary: pd.DataFrame, source: str = "<groups>") -> None:
-    """Check ``spec`` against the run's cluster summary; raise on the first problem.
+    """Check ``spec`` against the run's cluster summary; raise once with every problem.
 
     Each group needs a unique non-empty name and at least one cluster; each cluster must be
-    kept by post-processing (``size_final > 0``) and belong to one group only.
+    kept by post-processing (``size_final > 0``), or removed with members left after the
+    dedupe step when the group says ``include_removed: true``, and belong to one group only.
 
     >>> summary = pd.DataFrame({"cluster": [0, 1, 2], "size": [5, 4, 3],
     ...                         "size_final": [5, 0, 3]})
@@ -152,48 +213,65 @@ def check_groups(spec: GroupsSpec, summary: pd.DataFrame, source: str = "<groups
     >>> check_groups(GroupsSpec(groups=[{"name": "a", "clusters": [1]}]), summary)
     ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    pipeline.errors.InputError: <groups>: key 'groups.0.clusters' (group 'a') must name ...
+    pipeline.errors.InputError: <groups>: key 'groups.0.clusters.0' (group 'a') must name ...
     """
     if not spec.groups:
         raise InputError(f"{source}: key 'groups' must list at least one group. Got [] instead.")
+    problems: list[str] = []
     sizes = summary.set_index("cluster")
     kept = set(sizes.index[sizes["size_final"] > 0].tolist())
+    deduped = sizes["size_after_dedupe"] if "size_after_dedupe" in sizes else sizes["size"]
+    rescuable = set(sizes.index[(sizes["size_final"] == 0) & (deduped > 0)].tolist())
     names: dict[str, int] = {}
     owner: dict[int, tuple[int, str]] = {}
     for i, group in enumerate(spec.groups):
         key = f"groups.{i}"
         if not group.name.strip():
-            raise InputError(
+            problems.append(
                 f"{source}: key '{key}.name' must be a non-empty name. Got {group.name!r} instead."
             )
-        if group.name in names:
-            raise InputError(
+        elif group.name in names:
+            problems.append(
                 f"{source}: key '{key}.name' must be unique. Got {group.name!r} instead, "
                 f"already the name of groups.{names[group.name]}."
             )
-        names[group.name] = i
-        label = f"{source}: key '{key}.clusters' (group {group.name!r})"
+        else:
+            names[group.name] = i
         if not group.clusters:
-            raise InputError(f"{label} must list at least one cluster. Got [] instead.")
-        for cluster in group.clusters:
-            if cluster not in kept:
+            problems.append(
+                f"{source}: key '{key}.clusters' (group {group.name!r}) must list at least one "
+                "cluster. Got [] instead."
+            )
+        for j, cluster in enumerate(group.clusters):
+            label = f"{source}: key '{key}.clusters.{j}' (group {group.name!r})"
+            if cluster not in kept and not (group.include_removed and cluster in rescuable):
                 if cluster not in sizes.index:
                     why = "no such cluster in the run"
                 elif sizes.at[cluster, "size"] > 0:
                     why = "removed by post-processing"
+                    if cluster not in rescuable:
+                        why += ", with no member left after the dedupe step"
+                    else:
+                        why += "; add 'include_removed: true' to the group to rescue it"
                 else:
                     why = "an empty cluster"
-                raise InputError(
+                problems.append(
                     f"{label} must name kept clusters of the run. Got {cluster} instead ({why}). "
                     "Pick ids from the report's cluster index."
                 )
             if cluster in owner:
-                j, other = owner[cluster]
-                where = "listed twice" if j == i else f"already in group {other!r} (groups.{j})"
-                raise InputError(
+                other_i, other = owner[cluster]
+                where = (
+                    "listed twice"
+                    if other_i == i
+                    else f"already in group {other!r} (groups.{other_i})"
+                )
+                problems.append(
                     f"{label} must not repeat a cluster. Got {cluster} instead, {where}."
                 )
-            owner[cluster] = (i, group.name)
+            owner.setdefault(cluster, (i, group.name))
+    if problems:
+        raise InputError("\n".join(problems))
 
 
 def assign_groups(
@@ -211,26 +289,29 @@ def assign_groups(
         An excluded object is not a selected object of its group's clusters, or the
         exclusions leave a group empty.
     """
-    parts = []
+    parts, problems = [], []
     for i, group in enumerate(spec.groups):
         members = selected[selected["cluster"].isin(group.clusters)]
         excluded = set(group.exclude_objects)
         unknown = sorted(excluded - set(members[schema.OBJECT_ID].tolist()))
         label = f"{source}: key 'groups.{i}.exclude_objects' (group {group.name!r})"
         if unknown:
-            raise InputError(
+            problems.append(
                 f"{label} must name selected objects of the group's clusters "
-                f"{group.clusters}. Got {unknown[0]} instead."
+                f"{group.clusters}. Got {', '.join(map(str, unknown[:5]))} instead."
             )
         members = members[~members[schema.OBJECT_ID].isin(excluded)]
         if members.empty:
-            raise InputError(
+            problems.append(
                 f"{label} must leave at least one object. Got all {len(excluded)} objects excluded."
             )
+            continue
         order = members.sort_values(
             ["cluster", "sim", schema.OBJECT_ID], ascending=[True, False, True]
         )
         parts.append(order.assign(**{schema.GROUP: group.name}))
+    if problems:
+        raise InputError("\n".join(problems))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -243,14 +324,28 @@ def resolve_groups(catalog: Catalog, groups_file: str | Path) -> pd.DataFrame:
             f"Groups need the outputs of 'postprocess', which has not completed in "
             f"{catalog.root}. Run 'pipeline run' first."
         )
-    summary = sinks.read_parquet(catalog.cluster_summary, columns=["cluster", "size", "size_final"])
+    summary = sinks.read_parquet(
+        catalog.cluster_summary, columns=["cluster", "size", "size_after_dedupe", "size_final"]
+    )
     kept_now = set(summary.loc[summary["size_final"] > 0, "cluster"].tolist())
     unkept = catalog.previously_kept_cluster_ids() - kept_now
     spec = drop_gone_clusters(spec, catalog.retired_cluster_ids(), source, unkept)
-    check_groups(spec, summary, source)
+    try:
+        check_groups(spec, summary, source)
+    except InputError as exc:
+        raise InputError(with_positions(str(exc), source)) from None
     clusters = sorted({c for group in spec.groups for c in group.clusters})
     selected = sinks.read_parquet(catalog.clusters_parquet, filters=[("cluster", "in", clusters)])
-    return assign_groups(spec, selected, source)
+    kept = set(summary.loc[summary["size_final"] > 0, "cluster"].tolist())
+    rescued = sorted({c for g in spec.groups if g.include_removed for c in g.clusters} - kept)
+    if rescued:
+        removed = sinks.read_parquet(catalog.postprocessed, filters=[("cluster", "in", rescued)])
+        removed = removed[removed[schema.STATUS] != schema.STATUS_DUPLICATE]
+        selected = pd.concat([selected, removed[list(selected.columns)]], ignore_index=True)
+    try:
+        return assign_groups(spec, selected, source)
+    except InputError as exc:
+        raise InputError(with_positions(str(exc), source)) from None
 
 
 def apply_groups(cfg: Config, groups_file: str | Path | None = None) -> GroupsResult:
@@ -278,3 +373,47 @@ def apply_groups(cfg: Config, groups_file: str | Path | None = None) -> GroupsRe
         "groups: %d objects in %d groups written to %s", len(table), len(result.counts()), csv_url
     )
     return result
+
+
+def set_aside_stale(catalog: Catalog) -> str | None:
+    """Move groups outputs made against another model (their ``model_fingerprint``
+    differs from the current centres') to ``stale_groups/<fingerprint>/``, with a warning,
+    so they are never read as groups of the new clustering. Returns the folder, if any."""
+    import os
+
+    from . import store
+
+    if not store.is_local(catalog.groups_parquet) or not catalog.exists(catalog.groups_parquet):
+        return None
+    try:
+        made_for = sinks.read_run_metadata(catalog.groups_parquet).get("model_fingerprint")
+        current = catalog.model_fingerprint()
+    except (PipelineError, OSError, ValueError):
+        return None
+    if made_for == current:
+        return None
+    folder = os.path.join(catalog.root, "stale_groups", str(made_for or "unknown"))
+    os.makedirs(folder, exist_ok=True)
+    for url in (catalog.groups_csv, catalog.groups_parquet):
+        if os.path.exists(url):
+            os.replace(url, os.path.join(folder, os.path.basename(url)))
+    log.warning(
+        "groups: %s and %s were made for model %s, not the current %s (the clustering "
+        "changed); moved to %s. Check the groups file against the new report and run "
+        "'pipeline groups' again.",
+        catalog.groups_csv, catalog.groups_parquet, made_for or "unknown", current, folder,
+    )  # fmt: skip
+    return folder
+
+
+def applied_groups_file(catalog: Catalog) -> str | None:
+    """The groups file the last ``pipeline groups`` applied to this run (recorded in
+    ``ins_posts_groups.parquet``), if it still exists: the report shows it when
+    ``report.groups_file`` is not set, so a rebuild keeps the groups."""
+    if not catalog.exists(catalog.groups_parquet):
+        return None
+    try:
+        source = sinks.read_run_metadata(catalog.groups_parquet).get("groups_file")
+    except (OSError, ValueError):
+        return None
+    return source if source and Path(source).is_file() else None

@@ -50,11 +50,12 @@ def test_assign_groups_by_hand():
         ([], r"key 'groups' must list at least one group"),
         ([{"name": "a", "clusters": []}],
          r"key 'groups.0.clusters' \(group 'a'\) must list at least one"),
-        ([{"name": "a", "clusters": [1]}], r"Got 1 instead \(removed by post-processing\)"),
+        ([{"name": "a", "clusters": [1]}], r"Got 1 instead \(removed by post-processing; add "
+         r"'include_removed: true' to the group to rescue it\)"),
         ([{"name": "a", "clusters": [2]}], r"Got 2 instead \(an empty cluster\)"),
         ([{"name": "a", "clusters": [99]}], r"Got 99 instead \(no such cluster in the run\)"),
         ([{"name": "a", "clusters": [0]}, {"name": "b", "clusters": [3, 0]}],
-         r"key 'groups.1.clusters' \(group 'b'\) must not repeat a cluster. Got 0 instead, "
+         r"key 'groups.1.clusters.1' \(group 'b'\) must not repeat a cluster. Got 0 instead, "
          r"already in group 'a' \(groups.0\)"),
         ([{"name": "a", "clusters": [0, 0]}], r"Got 0 instead, listed twice"),
         ([{"name": "a", "clusters": [0]}, {"name": "a", "clusters": [3]}],
@@ -140,7 +141,11 @@ def test_groups_command_writes_the_selected_objects_with_their_group(finished, t
     # The report shows the groups: their sizes and, on each grouped cluster's page, the group.
     index = (root / "report" / "index.html").read_text(encoding="utf-8")
     n_shoes = int((parquet[schema.GROUP] == "shoes").sum())
-    assert f'<tr data-group="shoes"><td>shoes</td><td class="num" data-value="{n_shoes}">' in index
+    assert '<tr data-group="shoes">' in index
+    assert f'data-col="objects" data-value="{n_shoes}"' in index
+    # The outputs carry the model they were made against.
+    made_for = sinks.read_run_metadata(str(root / "ins_posts_groups.parquet"))["model_fingerprint"]
+    assert made_for == paths.model_fingerprint()
     page = (root / "report" / "clusters" / f"{kept[2]}.html").read_text(encoding="utf-8")
     assert "In group" in page and ">bags</a>" in page
 
@@ -150,9 +155,9 @@ def test_groups_command_writes_the_selected_objects_with_their_group(finished, t
     [
         ("groups: []\n", "'groups'", 1),
         ("groups:\n  - name: a\n    clusters: []\n", "'groups.0.clusters'", 1),
-        ("groups:\n  - name: a\n    clusters: [100000]\n", "'groups.0.clusters'", 1),
+        ("groups:\n  - name: a\n    clusters: [100000]\n", "3:16: key 'groups.0.clusters.0'", 1),
         ("groups:\n  - name: a\n    clusters: [{k0}]\n  - name: b\n    clusters: [{k0}]\n",
-         "'groups.1.clusters'", 1),
+         "5:16: key 'groups.1.clusters.0'", 1),
         ("groups:\n  - name: a\n    clusters: [{k0}]\n  - name: a\n    clusters: [{k1}]\n",
          "'groups.1.name'", 1),
         ("groups:\n  - name: a\n    clusters: [{k0}]\n    exclude_objects: [-5]\n",
@@ -191,7 +196,7 @@ def test_groups_command_on_a_removed_cluster_says_so(finished, tmp_path):
     groups_file.write_text(f"groups:\n  - name: a\n    clusters: [{int(removed.iloc[0])}]\n")
     result = invoke(config, groups_file)
     assert result.exit_code == 1
-    assert "(removed by post-processing)" in error_lines(result)[0]
+    assert "(removed by post-processing" in error_lines(result)[0]
 
 
 def test_groups_command_without_a_file(finished, tmp_path):
@@ -217,3 +222,87 @@ def test_report_shows_an_invalid_groups_file_without_failing(finished, tmp_path)
     render_report(cfg, n_workers=1)
     index = (Path(paths.root) / "report" / "index.html").read_text(encoding="utf-8")
     assert "is not valid" in index and "no such cluster in the run" in index
+
+
+def test_every_problem_at_once_with_its_yaml_line_and_column(finished, tmp_path):
+    config, _, summary = finished
+    kept = kept_clusters(summary)
+    groups_file = tmp_path / "bad.yaml"
+    groups_file.write_text(
+        "groups:\n"
+        f"  - name: a\n    clusters: [{kept[0]}, 100000]\n"  # line 3: unknown cluster
+        f"  - name: a\n    clusters: [{kept[0]}]\n"  # line 4: name taken; line 5: repeated
+        "  - name: c\n    clusters: []\n"  # line 7: empty
+    )
+    result = invoke(config, groups_file)
+    assert result.exit_code == 1
+    assert error_lines(result) == [
+        f"error: {groups_file}:3:{18 + len(str(kept[0]))}: key 'groups.0.clusters.1' (group 'a') "
+        "must name kept clusters of the run. Got 100000 instead (no such cluster in the run). "
+        "Pick ids from the report's cluster index.",
+        f"error: {groups_file}:4:5: key 'groups.1.name' must be unique. Got 'a' instead, "
+        "already the name of groups.0.",
+        f"error: {groups_file}:5:16: key 'groups.1.clusters.0' (group 'a') must not repeat a "
+        f"cluster. Got {kept[0]} instead, already in group 'a' (groups.0).",
+        f"error: {groups_file}:7:5: key 'groups.2.clusters' (group 'c') must list at least one "
+        "cluster. Got [] instead.",
+    ]
+
+
+def test_include_removed_rescues_a_removed_cluster(finished, tmp_path):
+    config, paths, summary = finished
+    removed = summary[(summary["size_final"] == 0) & (summary["size_after_dedupe"] > 0)]
+    if removed.empty:
+        pytest.skip("this run removed no cluster")
+    c = int(removed["cluster"].iloc[0])
+    labelled = sinks.read_parquet(paths.postprocessed)
+    members = labelled[
+        (labelled["cluster"] == c) & (labelled[schema.STATUS] != schema.STATUS_DUPLICATE)
+    ]
+    stray = int(members[schema.OBJECT_ID].iloc[-1])
+    groups_file = tmp_path / "g.yaml"
+    groups_file.write_text(
+        f"groups:\n  - name: rescued\n    clusters: [{c}]\n    exclude_objects: [{stray}]\n"
+        "    include_removed: true\n"
+    )
+    result = invoke(config, groups_file)
+    assert result.exit_code == 0, result.output
+    parquet = sinks.read_parquet(str(Path(paths.root) / "ins_posts_groups.parquet"))
+    want = sorted(set(members[schema.OBJECT_ID]) - {stray})
+    assert sorted(parquet[schema.OBJECT_ID]) == want
+    assert set(parquet[schema.GROUP]) == {"rescued"}
+
+
+def test_groups_of_another_model_are_set_aside(finished, tmp_path, caplog):
+    import logging
+    import os
+    import shutil
+
+    from pipeline.catalog import Catalog
+    from pipeline.groups import set_aside_stale
+
+    config, paths, summary = finished
+    copy = tmp_path / "out"
+    shutil.copytree(paths.root, copy, ignore=shutil.ignore_patterns("report"))
+    catalog = Catalog(**{**paths.__dict__, **{
+        k: v.replace(paths.root, str(copy)) for k, v in paths.__dict__.items()
+        if isinstance(v, str)}})  # fmt: skip
+    groups_file = tmp_path / "g.yaml"
+    groups_file.write_text(f"groups:\n  - name: a\n    clusters: [{kept_clusters(summary)[0]}]\n")
+    cfg_file = tmp_path / "config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["output"]["dir"] = str(copy)
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    applied = invoke(cfg_file, groups_file)
+    assert applied.exit_code == 0, applied.output
+    assert set_aside_stale(catalog) is None  # same model: left alone
+    centres = Path(catalog.model) / "centers.npy"
+    os.chmod(centres, 0o644)
+    import numpy as np
+
+    np.save(centres, np.load(centres) + 1)  # the clustering changed
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        folder = set_aside_stale(catalog)
+    assert folder is not None and "not the current" in caplog.text
+    assert not Path(catalog.groups_parquet).exists() and not Path(catalog.groups_csv).exists()
+    assert sorted(os.listdir(folder)) == ["ins_posts_groups.csv", "ins_posts_groups.parquet"]

@@ -1,5 +1,7 @@
 """The review report: its numbers are the summary tables', its crops are the boxes' pixels,
-and it works in a real headless browser (Debian's chromium, driven over DevTools)."""
+every member is reachable, and the workbench works in a real headless browser (Debian's
+chromium driven by Playwright): pick clusters, exclude a member, download groups.yaml,
+apply it with 'pipeline groups' and find the group after the rebuild."""
 
 from __future__ import annotations
 
@@ -7,17 +9,20 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import time
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
+from typer.testing import CliRunner
 
 from pipeline import report, schema, sinks, summarize
+from pipeline.cli import app
+from pipeline.report import views
 from pipeline.runner import run
 from pipeline.synthetic import make_demo_dataset
 from tests.conftest import config_for, render_report
@@ -84,6 +89,23 @@ class Tables(HTMLParser):
             self._table = None
 
 
+def members_of(text: str) -> dict[str, list[dict]]:
+    """The member cards of a page, by grid (the JSON its script lays out)."""
+    if 'id="members-data"' not in text:
+        return {}
+    block = text.split('<script type="application/json" id="members-data">')[1]
+    return json.loads(block.split("</script>")[0])
+
+
+GRIDS = ("samples-top", "samples-weakest", "samples-removed", "members-grid")
+
+
+def shown_objects(text: str) -> list[int]:
+    """The members a page shows, in page order."""
+    grids = members_of(text)
+    return [m["id"] for name in GRIDS for m in grids.get(name, [])]
+
+
 def read_page(path: Path) -> Tables:
     return Tables(path.read_text(encoding="utf-8"))
 
@@ -110,9 +132,9 @@ def test_overview_numbers_equal_the_summary_tables(report_run):
     assert sorted(index) == summary["cluster"].tolist()
     for rec in summary.to_dict("records"):
         row = index[rec["cluster"]]
-        for col in ("size", "size_after_dedupe", "size_after_similarity", "size_final"):
+        for col in ("size", "size_final"):
             assert int(row[col]) == rec[col], (rec["cluster"], col)
-        for col in ("mean_sim", "mean_sim_final", "mean_dist"):
+        for col in ("mean_sim", "mean_sim_final"):
             if pd.isna(rec[col]):
                 assert row[col] == ""
             else:
@@ -133,15 +155,15 @@ def test_overview_numbers_equal_the_summary_tables(report_run):
             assert [as_int(r[col]) for r in rows] == want, (table_id, col)
 
 
-def test_cluster_pages_show_sizes_and_the_samples_of_summarize(report_run):
+def test_cluster_pages_show_sizes_and_every_member(report_run):
     cfg, paths = report_run
     summary = sinks.read_parquet(paths.cluster_summary)
     labelled = sinks.read_parquet(paths.postprocessed)
-    n = cfg.report.samples_per_cluster
+    folder = Path(paths.report) / "clusters"
     states = set()
     for rec in summary.to_dict("records"):
         c = rec["cluster"]
-        text = (Path(paths.report) / "clusters" / f"{c}.html").read_text(encoding="utf-8")
+        text = (folder / f"{c}.html").read_text(encoding="utf-8")
         steps = Tables(text).tables["cluster-steps"]
         assert [int(r["rows"]) for r in steps] == [
             rec["size"], rec["size_after_dedupe"], rec["size_after_similarity"], rec["size_final"]
@@ -150,25 +172,45 @@ def test_cluster_pages_show_sizes_and_the_samples_of_summarize(report_run):
         state = report.cluster_state(rec).state
         states.add(state)
         assert f'class="badge {state}"' in text
-        # The samples shown are summarize.cluster_samples', in its order.
-        top, tail = summarize.cluster_samples(labelled, c, n)
-        shown = [int(x) for x in pd.Series(text.split('data-object="')[1:]).str.split('"').str[0]]
-        expected = top[schema.OBJECT_ID].tolist()
-        if rec["size"] > n:
-            expected += tail[schema.OBJECT_ID].tolist()
-        assert shown == expected, c
+        members = labelled[labelled["cluster"] == c].sort_values(
+            ["sim", schema.OBJECT_ID], ascending=[False, True]
+        )
+        kept = members[members[schema.STATUS] == schema.STATUS_KEPT]
+        removed = members[members[schema.STATUS] != schema.STATUS_KEPT]
+        # The top of the page: the most similar members (summarize's rule), then the
+        # weakest kept ones (least similar last), then the least similar removed ones.
+        top, _ = summarize.cluster_samples(labelled, c, report.GALLERY_CROPS)
+        shown = shown_objects(text)
+        n_top = min(len(members), report.GALLERY_CROPS)
+        assert shown[:n_top] == top[schema.OBJECT_ID].tolist()[:n_top], c
+        weakest = kept[schema.OBJECT_ID].tolist()[-report.WEAKEST_KEPT :]
+        assert shown[n_top : n_top + len(weakest)] == weakest, c
+        # Every member on exactly one member page, kept and removed apart, by cosine.
+        for kind, part in (("kept", kept), ("removed", removed)):
+            on_pages = []
+            for p in range(1, views.page_count(len(part), report.MEMBERS_PER_PAGE) + 1):
+                page = folder / views.member_page_name(c, kind, p)
+                on_pages += shown_objects(page.read_text(encoding="utf-8"))
+                assert views.member_page_name(c, kind, p) in text
+            assert on_pages == part[schema.OBJECT_ID].tolist(), (c, kind)
         if state == "removed":
             assert "Removed:" in text and "removed:" in text
+            assert 'id="rescue"' in text and "postprocess.min_" in text
     assert {"removed", "shrunk"} <= states, "the fixture should cover removed and shrunk clusters"
 
 
 def test_every_link_resolves_and_every_image_exists(report_run):
     _, paths = report_run
     folder = Path(paths.report)
-    pages = [folder / "index.html", *sorted((folder / "clusters").glob("*.html"))]
-    n_images = 0
+    pages = [
+        folder / "index.html",
+        folder / "gallery.html",
+        *sorted(folder.glob("clusters/*.html")),
+    ]
+    n_images = n_sources = 0
     for path in pages:
-        page = read_page(path)
+        text = path.read_text(encoding="utf-8")
+        page = Tables(text)
         for link in page.links:
             target = link.split("#")[0]
             if target:
@@ -176,7 +218,13 @@ def test_every_link_resolves_and_every_image_exists(report_run):
         for src in page.images:
             assert (path.parent / src).is_file(), (path.name, src)
             n_images += 1
-    assert n_images > 0
+        for m in (m for grid in members_of(text).values() for m in grid):
+            if "t" in m:
+                assert (folder / "thumbs" / m["t"][0]).is_file()
+            else:  # the source image, relative to the page
+                assert (path.parent / unquote(m["src"])).resolve().is_file(), m
+                n_sources += 1
+    assert n_images > 0 and n_sources > 0
 
 
 def gradient_image(width: int, height: int) -> Image.Image:
@@ -217,21 +265,20 @@ def test_crop_files_are_the_bbox_region_of_the_source_image(report_run):
         error = np.abs(thumb - expected).mean()
         shifted = (box[0] + 17, box[1] + 11, box[2] + 17, box[3] + 11)
         other = np.asarray(source.crop(shifted).resize(size, Image.Resampling.BICUBIC), np.float64)
-        assert error < 3.0, (path.name, error)
+        assert error < 4.0, (path.name, error)  # JPEG q88 noise on sharp drawn edges
         errors.append(error)
         others.append(np.abs(thumb - other).mean())
     assert len(errors) >= 10
     assert np.mean(others) > 5 * np.mean(errors)
 
 
-def test_thumbnails_only_for_samples_shown_and_reused_on_rerun(report_run):
+def test_thumbnails_only_for_members_shown_and_reused_on_rerun(report_run):
     cfg, paths = report_run
     folder = Path(paths.report)
     shown = set()
-    for page in (folder / "clusters").glob("*.html"):
-        text = page.read_text(encoding="utf-8")
-        shown.update(int(x.split('"')[0]) for x in text.split('data-object="')[1:])
-    made = {int(p.name.split("-")[0]) for p in (folder / "thumbs").glob("*.jpg")}
+    for page in [folder / "index.html", folder / "gallery.html", *folder.glob("clusters/*.html")]:
+        shown.update(src.rsplit("/", 1)[1] for src in read_page(page).images if "thumbs/" in src)
+    made = {p.name for p in (folder / "thumbs").glob("*.jpg")}
     assert made == shown
     again = render_report(cfg, n_workers=2)
     assert again.thumbnails.made == 0 and again.thumbnails.reused == len(made)
@@ -251,203 +298,11 @@ def test_missing_images_root_gives_metadata_cards(report_run, tmp_path, caplog):
         result = render_report(missing, n_workers=1)
     assert "does not exist" in caplog.text and "metadata cards" in caplog.text
     page = (copy / "report" / "clusters" / "0.html").read_text(encoding="utf-8")
-    assert "<img" not in page and 'class="meta-card"' in page
+    cards = [m for grid in members_of(page).values() for m in grid]
+    assert cards and not any("t" in m or "src" in m for m in cards)  # metadata cards
+    assert "<img" not in (copy / "report" / "index.html").read_text(encoding="utf-8")
     assert result.thumbnails.made == 0
     assert not list((copy / "report" / "thumbs").glob("*"))
-
-
-# --------------------------------------------------------------------------- browser
-
-
-class Chromium:
-    """A headless Debian chromium driven over the DevTools protocol (one tab)."""
-
-    def __init__(self, binary: str, profile: Path) -> None:
-        import websocket
-
-        self.proc = subprocess.Popen(
-            [
-                binary, "--headless=new", "--no-sandbox", "--disable-gpu",
-                "--disable-dev-shm-usage", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run",
-                "--no-default-browser-check", "--hide-scrollbars", "--window-size=1280,900",
-                "--remote-debugging-port=0", "--remote-allow-origins=*",
-                f"--user-data-dir={profile}", "about:blank",
-            ],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not (port_file.exists() and len(port_file.read_text().split()) >= 2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError("chromium did not start its DevTools endpoint")
-            time.sleep(0.1)
-        port, path = port_file.read_text().split()[:2]
-        self.ws = websocket.create_connection(
-            f"ws://127.0.0.1:{port}{path}", timeout=30, suppress_origin=True
-        )
-        self.next_id = 0
-        self.events: list[dict] = []
-        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
-            "sessionId"
-        ]
-        for domain in ("Page", "Runtime", "Log"):
-            self.send(f"{domain}.enable", session=self.session)
-
-    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
-        self.next_id += 1
-        message = {"id": self.next_id, "method": method, "params": params or {}}
-        if session:
-            message["sessionId"] = session
-        self.ws.send(json.dumps(message))
-        while True:
-            reply = json.loads(self.ws.recv())
-            if reply.get("id") == self.next_id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply.get("result", {})
-            self.events.append(reply)
-
-    def call(self, method: str, params: dict | None = None) -> dict:
-        return self.send(method, params, self.session)
-
-    def wait_for(self, method: str, timeout: float = 30) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for i, event in enumerate(self.events):
-                if event.get("method") == method:
-                    return self.events.pop(i)
-            self.ws.settimeout(max(0.1, deadline - time.monotonic()))
-            self.events.append(json.loads(self.ws.recv()))
-        raise TimeoutError(method)
-
-    def evaluate(self, expression: str):
-        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    def load(self, url: str) -> None:
-        self.events.clear()
-        self.call("Page.navigate", {"url": url})
-        self.wait_for("Page.loadEventFired")
-
-    def follow(self, selector: str) -> None:
-        """Click a link and wait for the page it opens."""
-        self.events = [e for e in self.events if e.get("method") != "Page.loadEventFired"]
-        self.evaluate(f"document.querySelector({json.dumps(selector)}).click()")
-        self.wait_for("Page.loadEventFired")
-
-    def errors(self) -> list[str]:
-        """Console errors, uncaught exceptions and failed loads seen so far."""
-        out = []
-        for event in self.events:
-            method, params = event.get("method"), event.get("params", {})
-            if method == "Runtime.exceptionThrown":
-                details = params["exceptionDetails"]
-                thrown = details.get("exception", {}).get("description")
-                out.append(str(thrown or details.get("text")))
-            elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                out.append(" ".join(str(a.get("value")) for a in params.get("args", [])))
-            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
-                out.append(f"{params['entry']['text']} {params['entry'].get('url', '')}")
-        return out
-
-    def screenshot(self, path: Path, max_height: int = 5000) -> None:
-        size = self.call("Page.getLayoutMetrics")["cssContentSize"]
-        clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], max_height),
-                "scale": 1}  # fmt: skip
-        data = self.call(
-            "Page.captureScreenshot", {"format": "png", "clip": clip, "captureBeyondViewport": True}
-        )["data"]
-        import base64
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
-
-    def close(self) -> None:
-        try:
-            self.ws.close()
-        except Exception:  # noqa: BLE001 - best effort, the process is ended below
-            pass
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-#: The images of the page that did not load (``naturalWidth`` 0).
-IMAGES_OK = (
-    "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)"
-)
-
-
-@pytest.fixture
-def browser(tmp_path):
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
-    pytest.importorskip("websocket", reason="websocket-client is in the 'test' extra")
-    chrome = Chromium(binary, tmp_path / "profile")
-    yield chrome
-    chrome.close()
-
-
-def test_report_in_a_headless_browser(report_run, browser):
-    _, paths = report_run
-    folder = Path(paths.report).resolve()
-    summary = sinks.read_parquet(paths.cluster_summary)
-    by_size = summary.sort_values(["size", "cluster"], ascending=[False, True])
-    largest = int(by_size.iloc[0]["cluster"])
-    removed = summary[(summary["size"] > 0) & (summary["size_final"] == 0)]
-
-    browser.load(folder.joinpath("index.html").as_uri())
-    assert browser.evaluate("document.querySelectorAll('svg.chart').length") >= 3
-    assert browser.evaluate("document.images.length") > 0
-    assert browser.evaluate(IMAGES_OK) == []
-    # Sorting by mean similarity puts the most similar cluster first (descending).
-    browser.evaluate("document.querySelector('th[data-col=mean_sim]').click()")
-    values = browser.evaluate(
-        "Array.from(document.querySelectorAll('#cluster-index tbody tr'))"
-        ".map(r => r.querySelector('[data-col=mean_sim]').dataset.value)"
-    )
-    numbers = [float(v) for v in values if v != ""]
-    assert numbers == sorted(numbers, reverse=True) and len(numbers) > 1
-    browser.evaluate("document.querySelector('th[data-col=size]').click()")
-    browser.evaluate("document.querySelector('th[data-col=size]').click()")
-    browser.screenshot(ARTIFACTS / "report-overview.png")
-
-    # Overview -> the largest cluster's page -> back to the overview.
-    browser.follow(f"#cluster-index a[href='clusters/{largest}.html']")
-    assert browser.evaluate("location.href").endswith(f"/clusters/{largest}.html")
-    title = browser.evaluate("document.querySelector('h1').textContent")
-    assert title.startswith(f"Cluster {largest}")
-    assert browser.evaluate("document.querySelectorAll('#samples-top img').length") > 0
-    assert browser.evaluate(IMAGES_OK) == []
-    browser.screenshot(ARTIFACTS / "report-cluster-largest.png")
-    browser.follow("#back")
-    assert browser.evaluate("location.href").endswith("/index.html")
-
-    if len(removed):
-        c = int(removed.iloc[0]["cluster"])
-        browser.load(folder.joinpath("clusters", f"{c}.html").as_uri())
-        assert browser.evaluate("document.querySelector('.badge').textContent") == "removed"
-        assert browser.evaluate(IMAGES_OK) == []
-        browser.screenshot(ARTIFACTS / "report-cluster-removed.png")
-    assert browser.errors() == []
-    assert (ARTIFACTS / "report-overview.png").stat().st_size > 10_000
-
-
-def test_cluster_pages_load_cleanly_in_the_browser(report_run, browser):
-    _, paths = report_run
-    folder = Path(paths.report).resolve()
-    for page in sorted((folder / "clusters").glob("*.html")):
-        browser.load(page.as_uri())
-        assert browser.evaluate(IMAGES_OK) == [], page.name
-    assert browser.errors() == []
 
 
 def test_images_outside_images_root_are_never_read(tmp_path):
@@ -492,6 +347,8 @@ def test_cluster_pages_show_the_health_of_the_summary(report_run):
         )
         assert f"with {100 * users.iloc[0] / users.sum():.0f} % of the members" in health
         assert f'nearest cluster <a href="../clusters/{rec["nearest_cluster"]}.html">' in health
+        # The cosine histogram of its members, with the threshold marked.
+        assert 'class="chart"' in health and f"threshold {cfg.postprocess.min_similarity}" in health
         if rec["single_user"]:
             seen_flag = True
             assert "single user" in health
@@ -502,3 +359,242 @@ def test_cluster_pages_show_the_health_of_the_summary(report_run):
         text = (Path(paths.report) / "clusters" / f"{c}.html").read_text(encoding="utf-8")
         assert 'id="health"' not in text
     assert seen_flag or not summary["single_user"].any()
+
+
+# --------------------------------------------------------------------------- view-models
+
+
+def test_picks_by_hand():
+    # Cluster 0: five kept and two removed members; cluster 1: one removed member.
+    labelled = pd.DataFrame(
+        {
+            schema.OBJECT_ID: [0, 1, 2, 3, 4, 5, 6, 7],
+            "cluster": [0, 0, 0, 0, 0, 0, 0, 1],
+            "sim": [0.9, 0.95, 0.8, 0.75, 0.72, 0.6, 0.5, 0.3],
+            schema.STATUS: ["kept"] * 5 + ["removed:low_similarity"] * 2 + ["removed:x"],
+        }
+    )
+    picks = views.cluster_picks(views.order_members(labelled), 3, 2, 2)
+    assert picks[0].top == [1, 0, 2]
+    assert picks[0].weakest_kept == [3, 4]  # least similar kept last: the group's edge
+    assert picks[0].removed_tail == [6, 5]  # least similar first
+    assert picks[1].top == [7] and picks[1].weakest_kept == [] and picks[1].removed_tail == [7]
+    assert picks[0].strip(4) == [1, 0, 3, 4]
+
+
+def test_rescue_settings_by_hand():
+    # 6 members after dedupe, 2 above 0.7: size rule and similarity rule both removed it.
+    sims = np.array([0.9, 0.8, 0.69, 0.65, 0.6, 0.3])
+    assert views.rescue_settings(sims, 0.7, 5) == [
+        "postprocess.min_cluster_size: 2 (2 members pass the similarity filter)",
+        "postprocess.min_similarity: 0.59 (5 members would pass it)",
+    ]
+    # Too few members for the size rule whatever the threshold.
+    assert views.rescue_settings(np.array([0.9, 0.8]), 0.7, 5) == [
+        "postprocess.min_cluster_size: 2 (2 members pass the similarity filter)"
+    ]
+
+
+def test_nearest_clusters_and_map_by_hand():
+    centres = np.array([[1.0, 0, 0], [0.9, 0.1, 0], [0, 0, 1], [0, 0.1, 0.9]])
+    ids, cos = views.nearest_clusters(centres, k=1)
+    assert ids[:, 0].tolist() == [1, 0, 3, 2]
+    expected = (centres[0] @ centres[1]) / np.linalg.norm(centres[1])
+    assert cos[0, 0] == pytest.approx(expected, rel=1e-6)
+    xy = views.centre_map(centres)
+    # The first axis of the map separates the two pairs of look-alikes.
+    x = xy[:, 0]
+    assert abs(x[0] - x[1]) + abs(x[2] - x[3]) < 0.5 * abs(x[0] - x[2])
+    assert xy.min() == 0.0 and xy.max() == 1.0
+
+
+def test_template_escapes_hostile_values():
+    from pipeline.report import render
+
+    site = render.Site(root="<script>alert(1)</script>", model="m", report_id="r")
+    html = render.render("members.html", title="<b>", prefix="../", site=site, cluster=1,
+                         state="whole", kind="kept", grids={"members-grid": []}, page=1, pages=1, first=1,
+                         last=0, total=0, prev=None, next=None)  # fmt: skip
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
+    assert "<title>&lt;b&gt;</title>" in html
+
+
+# --------------------------------------------------------------------------- browser
+
+runner = CliRunner()
+
+#: The images of the page that did not load (``naturalWidth`` 0), after loading them all.
+IMAGES_BROKEN = (
+    "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)"
+)
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's chromium under Playwright (no browser download: the system binary)."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is in the 'test' extra"
+    )
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=binary, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def tab(chromium):
+    """A fresh browser profile (its own localStorage) at 1,280 x 900; collects console
+    errors, uncaught exceptions and failed loads."""
+    context = chromium.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("requestfailed", lambda r: errors.append(f"failed: {r.url}"))
+    yield page, errors
+    context.close()
+
+
+def load_all_images(page) -> list[str]:
+    """Make every lazy image load, wait for them, and return the broken ones."""
+    page.evaluate(
+        "document.querySelectorAll('img[loading=lazy]').forEach(i => i.loading = 'eager')"
+    )
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)", timeout=30_000)
+    return page.evaluate(IMAGES_BROKEN)
+
+
+@pytest.fixture
+def own_run(report_run, tmp_path):
+    """A copy of the report run (and a config file for it) that a test may apply groups to."""
+    cfg, paths = report_run
+    copy = tmp_path / "out"
+    shutil.copytree(paths.root, copy)
+    data = cfg.model_dump(mode="json")
+    data["output"]["dir"] = str(copy)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    return config, copy
+
+
+def test_workbench_pick_exclude_download_apply_and_find_the_group(own_run, tab, tmp_path):
+    page, errors = tab
+    config, root = own_run
+    folder = root / "report"
+    summary = sinks.read_parquet(str(root / "cluster_summary.parquet"))
+    kept = summary[summary["size_final"] > 0].sort_values("size_final", ascending=False)
+    three = kept["cluster"].astype(int).tolist()[:3]
+    page.goto(folder.joinpath("index.html").as_uri())
+    assert load_all_images(page) == []
+    page.screenshot(path=str(ARTIFACTS / "report-overview.png"))
+    # Name a group, tick three clusters in the index.
+    page.fill("#gb-name", "look-alikes")
+    page.click("#gb-new")
+    for c in three:
+        page.check(f"#cluster-index input.pick[data-cluster='{c}']")
+    assert "3 cluster(s)" in page.inner_text("#gb-summary")
+    # On the first cluster's page (another page: the picks come along), exclude the
+    # weakest kept member.
+    page.goto(folder.joinpath("clusters", f"{three[0]}.html").as_uri())
+    assert page.is_checked(f"h1 input.pick[data-cluster='{three[0]}']")
+    box = page.locator("#samples-weakest input.exclude").last
+    stray = int(box.get_attribute("data-object"))
+    box.check()
+    assert load_all_images(page) == []
+    page.screenshot(path=str(ARTIFACTS / "report-cluster-large.png"), full_page=True)
+    # Download the groups file: exactly the picks.
+    with page.expect_download() as download:
+        page.click("#gb-download")
+    groups_file = tmp_path / "groups.yaml"
+    download.value.save_as(groups_file)
+    assert yaml.safe_load(groups_file.read_text())["groups"] == [
+        {"name": "look-alikes", "clusters": sorted(three), "exclude_objects": [stray]}
+    ]
+    # Apply it as it is; the rebuilt report shows the group.
+    result = runner.invoke(app, ["groups", "-c", str(config), "--file", str(groups_file), "-q"])
+    assert result.exit_code == 0, result.output
+    selected = sinks.read_parquet(str(root / "ins_posts_clusters.parquet"))
+    expected = int((selected["cluster"].isin(three) & (selected[schema.OBJECT_ID] != stray)).sum())
+    page.goto(folder.joinpath("index.html").as_uri())
+    row = page.locator("#groups-table tr[data-group='look-alikes']")
+    assert row.locator("[data-col=objects]").get_attribute("data-value") == str(expected)
+    assert row.locator("[data-col=clusters]").get_attribute("data-value") == "3"
+    # The picks survived the reload; the map rings them.
+    assert page.locator("#centre-map .dot.picked").count() == 3
+    page.locator("#map").screenshot(path=str(ARTIFACTS / "report-map.png"))
+    assert errors == []
+
+
+def test_filters_sorting_gallery_and_pages_in_the_browser(report_run, tab):
+    page, errors = tab
+    _, paths = report_run
+    folder = Path(paths.report).resolve()
+    summary = sinks.read_parquet(paths.cluster_summary)
+    page.goto(folder.joinpath("index.html").as_uri())
+    visible = "Array.from(document.querySelectorAll('#cluster-index tbody tr')).filter(r => !r.hidden).map(r => r.dataset.cluster)"
+    page.fill("#f-id", "1")
+    assert page.evaluate(visible) == ["1"]  # exact id, not every id holding a 1
+    page.fill("#f-id", "")
+    page.select_option("#f-state", "kept")
+    n_kept = int((summary["size_final"] > 0).sum())
+    assert len(page.evaluate(visible)) == n_kept
+    page.select_option("#f-state", "")
+    tag = page.locator("#f-tag option").nth(1).get_attribute("value")
+    page.select_option("#f-tag", tag)
+    tags = summary.set_index("cluster")["dominant_tags"].map(views.dominant_tag)
+    assert sorted(map(int, page.evaluate(visible))) == sorted(tags[tags == tag].index.tolist())
+    page.select_option("#f-tag", "")
+    # Sorting by kept cosine: descending, then ascending, missing values last both ways.
+    values = "Array.from(document.querySelectorAll('#cluster-index tbody tr')).map(r => r.querySelector('[data-col=mean_sim_final]').dataset.value)"
+    for _ in range(2):
+        page.click("th[data-col=mean_sim_final]")
+        shown = page.evaluate(values)
+        present = [float(v) for v in shown if v != ""]
+        assert shown[: len(present)] == [v for v in shown if v != ""]  # blanks at the end
+        assert present in (sorted(present), sorted(present, reverse=True))
+    # Nothing is cut off at 1,280 px: no section scrolls sideways.
+    wide = "Array.from(document.querySelectorAll('section')).filter(s => s.scrollWidth > s.clientWidth + 1).map(s => s.id)"
+    assert page.evaluate(wide) == []
+    # The gallery: one tile per non-empty cluster, 9 to 16 crops each (or all members).
+    page.goto(folder.joinpath("gallery.html").as_uri())
+    assert load_all_images(page) == []
+    counts = page.evaluate(
+        "Array.from(document.querySelectorAll('.tile')).map(t => t.querySelectorAll('img').length)"
+    )
+    assert len(counts) == int((summary["size"] > 0).sum())
+    sizes = summary[summary["size"] > 0].sort_values(
+        ["size_final", "size", "cluster"], ascending=[False, False, True]
+    )["size"]
+    assert counts == [min(int(n), report.GALLERY_CROPS) for n in sizes]
+    page.screenshot(path=str(ARTIFACTS / "report-gallery.png"))
+    # A removed cluster names the setting that would keep it; its member pages load.
+    removed = summary[(summary["size"] > 0) & (summary["size_final"] == 0)]
+    c = int(removed.iloc[0]["cluster"])
+    page.goto(folder.joinpath("clusters", f"{c}.html").as_uri())
+    assert "postprocess.min_" in page.inner_text("#rescue")
+    assert load_all_images(page) == []
+    page.screenshot(path=str(ARTIFACTS / "report-cluster-removed.png"), full_page=True)
+    page.click("#member-pages a >> nth=0")
+    assert load_all_images(page) == []
+    # Members without a thumbnail show their source image, cropped to a visible box.
+    crops = page.evaluate(
+        "Array.from(document.querySelectorAll('img.src-crop')).map(i => [i.classList.contains("
+        "'fitted'), i.parentNode.getBoundingClientRect().height, i.getBoundingClientRect().width])"
+    )
+    assert crops and all(fitted and h >= 64 and w > 0 for fitted, h, w in crops), crops[:3]
+    assert errors == []
+
+
+def test_every_page_loads_cleanly_in_the_browser(report_run, tab):
+    page, errors = tab
+    _, paths = report_run
+    folder = Path(paths.report).resolve()
+    for path in sorted(folder.glob("clusters/*.html")):
+        page.goto(path.as_uri())
+        assert load_all_images(page) == [], path.name
+    assert errors == []

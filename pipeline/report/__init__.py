@@ -1,0 +1,350 @@
+"""Stage 5, the review report: an HTML folder that opens from ``file://`` with no server,
+the reviewer's workbench for picking and combining clusters.
+
+Every number on it comes from the tables the pipeline wrote (``cluster_summary.parquet``,
+``funnel.parquet``, ``postprocessed.parquet``) and the model's centres, through the pure
+view-models of :mod:`.views`; :mod:`.render` lays them out with the package's Jinja2
+templates (autoescape on); :mod:`.thumbnails` crops the pictures. Layout::
+
+    report/
+      index.html                 cluster index (pick boxes, crop strips, filters), map of the
+                                 centres, size x cosine, groups, funnel, top/tail, histograms
+      gallery.html               one tile of the most similar members per cluster
+      clusters/<c>.html          verdict (and the setting that would keep a removed cluster),
+                                 sizes, health, nearest clusters, top / weakest kept / removed
+      clusters/<c>-kept-<p>.html, <c>-removed-<p>.html   every member, 100 a page, by cosine
+      thumbs/<object>-<key>.jpg  crops of the members the overview pages show
+      report.css, report.js      copied from the package's ``static/``
+
+Picks (clusters ticked into named groups, members excluded) live in the browser's
+``localStorage`` and are exported as a ``groups.yaml`` that ``pipeline groups`` applies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import schema, sinks, store, summarize
+from ..catalog import Catalog
+from ..config import InputConfig, PostprocessConfig, ReportConfig
+from ..context import StageContext
+from ..errors import PipelineError
+from . import render, views
+from .thumbnails import (
+    Thumb,
+    ThumbStats,
+    crop_box,
+    crop_thumbnail,
+    make_thumbnails,
+    source_urls,
+    thumbnail_size,
+)
+from .views import SIM_BIN_EDGES, ClusterState, cluster_state, similarity_counts, size_histogram
+
+__all__ = [
+    "ReportResult", "write_report", "report_stage", "cluster_state", "ClusterState",
+    "crop_box", "crop_thumbnail", "thumbnail_size", "make_thumbnails", "Thumb", "ThumbStats",
+    "source_urls", "SIM_BIN_EDGES", "similarity_counts", "size_histogram", "SAMPLE_COLUMNS",
+]  # fmt: skip
+
+log = logging.getLogger("pipeline")
+
+#: Columns of ``postprocessed.parquet`` the report reads.
+SAMPLE_COLUMNS: tuple[str, ...] = (
+    schema.OBJECT_ID, "cluster", "sim", "dist", schema.STATUS, "tag", "score",
+    "batch_folder", "username", "res_name", "image_name", "idx", "bbox",
+)  # fmt: skip
+#: Crops per gallery tile (and most similar members on a cluster page).
+GALLERY_CROPS = 9
+#: Weakest kept members at the end of an index row's strip.
+STRIP_WEAKEST = 2
+#: Weakest kept members shown on the index strip's end and on each cluster page.
+WEAKEST_KEPT = 4
+#: Members per page of the all-members pages.
+MEMBERS_PER_PAGE = 100
+#: Nearest clusters (by centre cosine) on each cluster page.
+NEAREST = 6
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """What :func:`write_report` wrote."""
+
+    index: str
+    n_cluster_pages: int
+    thumbnails: ThumbStats
+    seconds: float
+    n_pages: int = 0
+    bytes: int = 0
+
+
+def _read_members(url: str, n_workers: int) -> pd.DataFrame:
+    """Every row of ``postprocessed.parquet`` with :data:`SAMPLE_COLUMNS`, part by part."""
+    fs, path = store.filesystem(url)
+    parts = sinks.part_urls(url) if fs.isdir(path) else [url]
+    with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
+        frames = list(
+            pool.map(lambda u: sinks.read_parquet(u, columns=list(SAMPLE_COLUMNS)), parts)
+        )
+    frames = [f for f in frames if len(f)] or frames[:1]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _load_groups(catalog: Catalog, groups_file: str | None) -> dict:
+    """The reviewer's groups to show; a file that no longer fits the run is reported on
+    the page (and logged) instead of failing the report."""
+    from .. import groups as groups_module
+
+    if groups_file is None:
+        return {}
+    try:
+        table = groups_module.resolve_groups(catalog, groups_file)
+    except PipelineError as exc:
+        log.warning("report: groups not shown: %s", exc)
+        return {"source": str(groups_file), "error": str(exc)}
+    rows = []
+    for name, members in table.groupby(schema.GROUP, sort=False):
+        rows.append((str(name), len(members), sorted(members["cluster"].astype(int).unique())))
+    pairs = table[["cluster", schema.GROUP]].drop_duplicates()
+    return {
+        "source": str(groups_file),
+        "rows": rows,
+        "group_of": {int(c): str(g) for c, g in pairs.itertuples(index=False)},
+    }
+
+
+@contextmanager
+def _report_folder(url: str) -> Iterator[tuple[Path, Path | None]]:
+    """Yield a local folder to render into and the previous report (for thumbnails); the
+    folder replaces ``url`` atomically when the block succeeds."""
+    if store.is_local(url):
+        previous = Path(url) if Path(url, "index.html").exists() else None
+        with store.atomic_path(url) as tmp:
+            Path(tmp).mkdir(parents=True)
+            yield Path(tmp), previous
+        return
+    with tempfile.TemporaryDirectory(prefix="report-") as local, store.atomic_path(url) as tmp:
+        yield Path(local), None
+        fs, tmp_path = store.filesystem(tmp)
+        fs.put(local, tmp_path, recursive=True)
+
+
+def _folder_bytes(folder: Path) -> tuple[int, int]:
+    """Files and bytes under ``folder``."""
+    n = size = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            n += 1
+            size += os.lstat(os.path.join(dirpath, name)).st_size
+    return n, size
+
+
+def _model_fingerprint(catalog: Catalog) -> str:
+    try:
+        return catalog.model_fingerprint()
+    except PipelineError:
+        return "none"
+
+
+def _cluster_histograms(ordered: pd.DataFrame) -> dict[int, dict[str, np.ndarray]]:
+    """The cosine histogram (all and kept members) of every cluster."""
+    sim = np.clip(ordered["sim"].to_numpy(dtype=np.float64), -1.0, 1.0)
+    bins = np.clip(np.searchsorted(SIM_BIN_EDGES, sim, side="right") - 1, 0, len(SIM_BIN_EDGES) - 2)
+    kept = (ordered[schema.STATUS] == schema.STATUS_KEPT).to_numpy()
+    clusters = ordered["cluster"].to_numpy()
+    out: dict[int, dict[str, np.ndarray]] = {}
+    n_bins = len(SIM_BIN_EDGES) - 1
+    for c in np.unique(clusters):
+        mask = clusters == c
+        out[int(c)] = {
+            "all": np.bincount(bins[mask], minlength=n_bins),
+            "kept": np.bincount(bins[mask & kept], minlength=n_bins),
+        }
+    return out
+
+
+def write_report(
+    report: ReportConfig,
+    input: InputConfig,
+    postprocess: PostprocessConfig,
+    catalog: Catalog,
+    n_workers: int = 1,
+    groups_file: str | None = None,
+) -> ReportResult:
+    """Render the report folder ``catalog.report`` from the run's tables.
+
+    Parameters
+    ----------
+    n_workers : int, default=1
+        Threads reading the table parts and making thumbnails.
+    groups_file : str, default=None
+        The reviewer's groups YAML to show (``None``: no groups).
+    """
+    start = time.perf_counter()
+    summary = sinks.read_parquet(catalog.cluster_summary)
+    funnel_table = sinks.read_parquet(catalog.funnel)
+    ordered = views.order_members(_read_members(catalog.postprocessed, n_workers))
+    sim_counts = similarity_counts(ordered)
+    picks = views.cluster_picks(ordered, GALLERY_CROPS, WEAKEST_KEPT, report.samples_per_cluster)
+    # Thumbnails only for what the overview and the gallery show; every other member is
+    # cropped from its source image by the page's script (nothing to decode here).
+    shown = {i for p in picks.values() for i in p.top + p.weakest_kept[-STRIP_WEAKEST:]}
+    overview_rows = ordered[ordered[schema.OBJECT_ID].isin(shown)]
+    ids = summary["cluster"].astype(int).to_numpy()
+    try:  # the centre of each summary row (a re-fit's ids need not be 0..k-1)
+        row_of = {int(c): i for i, c in enumerate(catalog.read_cluster_ids())}
+        centres = catalog.read_centres()[[row_of[c] for c in ids]]
+    except (PipelineError, KeyError):
+        centres = np.zeros((len(ids), 2), dtype=np.float32)
+    near_ids, near_cos = views.nearest_clusters(centres, NEAREST)
+    xy = views.centre_map(centres)
+    fingerprint = _model_fingerprint(catalog)
+    site = render.Site(
+        root=catalog.root,
+        model=fingerprint,
+        report_id=hashlib.sha256(f"model|{fingerprint}".encode()).hexdigest()[:12],
+        px=report.thumbnail_px,
+    )
+    groups = _load_groups(catalog, groups_file)
+    pp = postprocess
+    with _report_folder(catalog.report) as (folder, previous):
+        thumbs, stats = make_thumbnails(
+            overview_rows, input, report.thumbnail_px, folder / "thumbs",
+            previous / "thumbs" if previous else None, n_workers,
+        )  # fmt: skip
+        rest = ordered[~ordered[schema.OBJECT_ID].isin(set(thumbs))]
+        page_dir = os.path.join(os.path.abspath(catalog.report), "clusters")
+        crops = source_urls(rest, input, page_dir) if store.is_local(catalog.report) else {}
+        states = {int(r["cluster"]): cluster_state(r) for r in summary.to_dict("records")}
+        removed = {c for c, st in states.items() if st.state == "removed"}
+        catalogue = render.Catalogue(
+            members=render.member_records(ordered, thumbs, crops, removed), picks=picks
+        )
+        static = Path(__file__).with_name("static")
+        shutil.copyfile(static / "report.css", folder / "report.css")
+        shutil.copyfile(static / "report.js", folder / "report.js")
+        index_html = render.render_index(
+            site, summary, funnel_table, sim_counts, xy, catalogue, groups, pp, report.top_n
+        )
+        (folder / "index.html").write_text(index_html, encoding="utf-8")
+        (folder / "gallery.html").write_text(
+            render.render_gallery(site, summary, catalogue, GALLERY_CROPS), encoding="utf-8"
+        )
+        pages = folder / "clusters"
+        pages.mkdir()
+        histograms = _cluster_histograms(ordered)
+        by_cluster = {int(c): part for c, part in ordered.groupby("cluster", sort=False)}
+        user_counts = ordered.groupby(["cluster", "username"], sort=False).size()
+        users_of = {int(c): part.droplevel(0) for c, part in user_counts.groupby(level=0)}
+        empty = ordered.iloc[:0]
+        group_of = groups.get("group_of", {})
+        n_pages = 0
+        summary_records = summary.to_dict("records")
+        position = {int(r["cluster"]): i for i, r in enumerate(summary_records)}
+        for i, rec in enumerate(summary_records):
+            c = int(rec["cluster"])
+            state = states[c]
+            members = by_cluster.get(c, empty)
+            member_ids = members[schema.OBJECT_ID].astype(int).to_numpy()
+            is_kept = (members[schema.STATUS] == schema.STATUS_KEPT).to_numpy()
+            pager = []
+            for kind, chosen in (("kept", member_ids[is_kept]), ("removed", member_ids[~is_kept])):
+                n_kind = views.page_count(len(chosen), MEMBERS_PER_PAGE)
+                links = []
+                for p in range(1, n_kind + 1):
+                    first = (p - 1) * MEMBERS_PER_PAGE
+                    part = chosen[first : first + MEMBERS_PER_PAGE]
+                    name = views.member_page_name(c, kind, p)
+                    links.append({"file": name, "label": f"{first + 1}–{first + len(part)}"})
+                    text = render.render_member_page(
+                        site, c, state.state, kind, catalogue.of(part.tolist()), p, n_kind,
+                        first + 1, len(chosen),
+                    )  # fmt: skip
+                    (pages / name).write_text(text, encoding="utf-8")
+                    n_pages += 1
+                pager.append((kind, len(chosen), links))
+            nearest = []
+            if int(rec["size"]) > 0:
+                for other, cos in zip(near_ids[i], near_cos[i], strict=True):
+                    orec = summary_records[int(other)]
+                    oc = int(orec["cluster"])
+                    if int(orec["size"]) == 0:
+                        continue
+                    nearest.append(
+                        {"cluster": oc, "state": states[oc].state, "cos": views.fmt_float(cos),
+                         "cos_raw": views.raw(float(cos)), "size_final": int(orec["size_final"]),
+                         "tags": orec["dominant_tags"],
+                         "crops": catalogue.crops(picks.get(oc, views.Picks()).top[:4], 56, "../")}
+                    )  # fmt: skip
+            rescue: list[str] = []
+            if state.state == "removed":
+                deduped = members[members[schema.STATUS] != schema.STATUS_DUPLICATE]
+                rescue = views.rescue_settings(
+                    deduped["sim"].to_numpy(), pp.min_similarity, pp.min_cluster_size
+                )
+            histogram = views.similarity_chart(
+                histograms.get(c, {"all": np.zeros(100), "kept": np.zeros(100)}),
+                pp.min_similarity, "Cosine to the centre", small=True,
+            )  # fmt: skip
+            mix = views.user_mix(users_of.get(c, pd.Series(dtype="int64")))
+            prev_c = int(summary_records[i - 1]["cluster"]) if i > 0 else None
+            next_c = (
+                int(summary_records[i + 1]["cluster"]) if i + 1 < len(summary_records) else None
+            )
+            text = render.render_cluster_page(
+                site, rec, catalogue, pp, (prev_c, next_c), nearest, mix, histogram, rescue,
+                pager, group_of.get(c),
+            )  # fmt: skip
+            (pages / f"{c}.html").write_text(text, encoding="utf-8")
+            n_pages += 1
+        del position
+        n_files, n_bytes = _folder_bytes(folder)
+    seconds = time.perf_counter() - start
+    log.info(
+        "report: %d cluster pages and %d member pages, %d thumbnails made, %d reused, "
+        "%d source crops, in %.1f s; %d files, %.1f MiB: %s",
+        len(ids), n_pages - len(ids), stats.made, stats.reused, len(crops), seconds, n_files,
+        n_bytes / 2**20, catalog.report_index,
+    )  # fmt: skip
+    return ReportResult(catalog.report_index, len(ids), stats, seconds, n_pages + 2, n_bytes)
+
+
+def report_stage(
+    context: StageContext,
+    report: ReportConfig,
+    input: InputConfig,
+    postprocess: PostprocessConfig,
+) -> None:
+    """Stage 5: ``summary.md`` (printed when verbose) and the HTML review report."""
+    catalog = context.catalog
+    summary = sinks.read_parquet(catalog.cluster_summary)
+    funnel_table = sinks.read_parquet(catalog.funnel)
+    text = summarize.summary_markdown(summary, funnel_table, report.top_n)
+    sinks.write_text(text, catalog.summary_markdown)
+    if context.verbose:
+        print(text)
+    from .. import groups
+
+    groups.set_aside_stale(catalog)
+    groups_file = report.groups_file or groups.applied_groups_file(catalog)
+    result = write_report(
+        report, input, postprocess, catalog, context.executor.n_cores, groups_file
+    )
+    if context.verbose:
+        print(
+            f"Review report: {result.index} ({result.seconds:.1f} s, "
+            f"{result.bytes / 2**20:.1f} MiB)"
+        )

@@ -1,0 +1,426 @@
+"""Lay the view-models out as HTML: Jinja2 templates shipped with the package
+(``templates/*.html``, autoescape on, so every value from the data is escaped by default),
+and the page contexts built from :mod:`pipeline.report.views`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+from markupsafe import Markup
+
+from .. import schema, summarize
+from ..config import PostprocessConfig
+from . import views
+from .thumbnails import Thumb
+
+
+@lru_cache(maxsize=1)
+def environment():
+    """The package's template environment (autoescape on for every template)."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    return Environment(
+        loader=PackageLoader("pipeline.report", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render(template: str, **context) -> str:
+    return environment().get_template(template).render(**context)
+
+
+@dataclass
+class Site:
+    """What every page shows in its frame: the run and the storage key of the picks."""
+
+    root: str
+    model: str
+    report_id: str
+    px: int = 96
+
+
+def member_records(
+    ordered: pd.DataFrame,
+    thumbs: dict[int, Thumb],
+    urls: dict[int, str],
+    removed_clusters: set[int],
+) -> dict[int, dict]:
+    """The card of every member (rows of ``postprocessed.parquet``), as the JSON the
+    page's script lays out: ``id``, ``c`` cluster, ``k`` kept, ``s`` status, ``sim``, ``d``
+    distance, ``tag``, ``sc`` score, ``u`` user, ``im`` image, ``ix`` idx, ``b`` bbox,
+    ``x`` excludable, and ``t`` its thumbnail ``[name, width, height]`` or ``src`` its
+    source image (relative to ``clusters/``).
+
+    Kept members can be excluded from a group; so can the members of a removed cluster
+    that passed the dedupe step (the rows ``include_removed`` brings in).
+    """
+    columns = [schema.OBJECT_ID, "cluster", schema.STATUS, "tag", "username", "image_name",
+               "idx", "bbox"]  # fmt: skip
+    sims = np.round(ordered["sim"].to_numpy(dtype=np.float64), 3).tolist()
+    dists = np.round(ordered["dist"].to_numpy(dtype=np.float64), 3).tolist()
+    scores = np.round(ordered["score"].to_numpy(dtype=np.float64), 2).tolist()
+    out: dict[int, dict] = {}
+    rows = zip(*(ordered[c].tolist() for c in columns), sims, dists, scores, strict=True)
+    for object_id, cluster, status, tag, user, image, idx, bbox, sim, dist, score in rows:
+        kept = status == schema.STATUS_KEPT
+        record = {
+            "id": object_id, "c": cluster, "k": kept, "s": status, "sim": sim, "d": dist,
+            "tag": tag, "sc": score, "u": user, "im": image, "ix": idx, "b": bbox,
+            "x": kept or (cluster in removed_clusters and status != schema.STATUS_DUPLICATE),
+        }  # fmt: skip
+        thumb = thumbs.get(object_id)
+        if thumb is not None:
+            record["t"] = [thumb.name, thumb.width, thumb.height]
+        elif object_id in urls:
+            record["src"] = urls[object_id]
+        out[object_id] = record
+    return out
+
+
+@dataclass
+class Catalogue:
+    """Every member's card (see :func:`member_records`), by object id, and each
+    cluster's picks."""
+
+    members: dict[int, dict] = field(default_factory=dict)
+    picks: dict[int, views.Picks] = field(default_factory=dict)
+
+    def of(self, ids) -> list[dict]:
+        return [self.members[i] for i in ids if i in self.members]
+
+    def crops(self, ids, size: int, prefix: str = "") -> list[dict]:
+        """Small crops of ``ids`` for a strip or a tile: ``src``, ``w``, ``h``, ``alt``
+        (scaled so the longer side is ``size``), or ``tag`` alone without a thumbnail."""
+        out = []
+        for m in self.of(ids):
+            alt = f"{m['tag']}, object {m['id']}"
+            if "t" in m:
+                name, w, h = m["t"]
+                scale = size / max(w, h)
+                out.append({"src": f"{prefix}thumbs/{name}", "w": round(w * scale),
+                            "h": round(h * scale), "alt": alt})  # fmt: skip
+            else:
+                out.append({"src": None, "tag": m["tag"], "alt": alt})
+        return out
+
+
+# --------------------------------------------------------------------------- index
+
+
+def _table(frame: pd.DataFrame, headers: dict[str, str], table_id: str, links=()) -> Markup:
+    numeric = {c for c in headers if pd.api.types.is_numeric_dtype(frame[c])}
+    rows = []
+    for record in frame[list(headers)].to_dict("records"):
+        cells = []
+        for col, value in record.items():
+            if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+                shown = views.fmt_float(value)
+            elif isinstance(value, str):
+                shown = value
+            else:
+                shown = views.fmt_int(value)
+            cells.append(
+                {"col": col, "raw": views.raw(value), "shown": shown,
+                 "num": not isinstance(value, str),
+                 "link": col in links and not views.is_missing(value)}
+            )  # fmt: skip
+        rows.append(cells)
+    columns = [(c, h, c in numeric) for c, h in headers.items()]
+    return Markup(render("_table.html", table_id=table_id, columns=columns, rows=rows))
+
+
+TOP_TAIL_HEADERS = {
+    "top_cluster": "Top clusters",
+    "top_size": "Num samples",
+    "tail_cluster": "Tail clusters",
+    "tail_size": "Num samples",
+}
+COMPARISON_HEADERS = {
+    "original_top_cluster": "Original top clusters",
+    "original_size": "Original num samples",
+    "original_after": "After post-processing",
+    "new_top_cluster": "New top clusters",
+    "new_original_size": "Original num samples",
+    "new_after": "After post-processing",
+}
+
+
+def tag_options(summary: pd.DataFrame) -> list[tuple[str, int]]:
+    """Dominant tags of the non-empty clusters with their cluster counts, most first."""
+    tags = summary.loc[summary["size"] > 0, "dominant_tags"].map(views.dominant_tag)
+    counts = tags[tags != ""].value_counts()
+    counts = counts.iloc[np.lexsort((counts.index.to_numpy(dtype=str), -counts.to_numpy()))]
+    return [(str(t), int(n)) for t, n in counts.items()]
+
+
+def state_options(states: list[str]) -> list[tuple[str, int]]:
+    counts = {s: states.count(s) for s in views.STATES}
+    kept = counts["whole"] + counts["shrunk"]
+    return [("kept", kept)] + [(s, counts[s]) for s in views.STATES]
+
+
+def render_index(
+    site: Site,
+    summary: pd.DataFrame,
+    funnel_table: pd.DataFrame,
+    sim_counts: dict[str, np.ndarray],
+    centres_xy: np.ndarray,
+    catalogue: Catalogue,
+    groups: dict,
+    postprocess: PostprocessConfig,
+    top_n: int,
+) -> str:
+    """The overview: the cluster index with pick boxes and crop strips, the map, groups,
+    funnel, top/tail tables and distributions."""
+    group_of = groups.get("group_of", {})
+    ordered = summary.sort_values(["size", "cluster"], ascending=[False, True])
+    index = []
+    for rec in ordered.to_dict("records"):
+        c = int(rec["cluster"])
+        state = views.cluster_state(rec)
+        picks = catalogue.picks.get(c, views.Picks())
+        strip = picks.strip(7)
+        weak = [i for i in strip if i in picks.weakest_kept and i not in picks.top[:6]]
+        head = [i for i in strip if i not in weak]
+        index.append(
+            {
+                "cluster": c, "state": state.state, "explanation": state.explanation,
+                "tag": views.dominant_tag(rec["dominant_tags"]),
+                "strip": catalogue.crops(head, 36), "weak": catalogue.crops(weak, 36),
+                "size": int(rec["size"]), "size_final": int(rec["size_final"]),
+                "mean_sim": views.fmt_float(rec["mean_sim"]),
+                "mean_sim_raw": views.raw(rec["mean_sim"]),
+                "mean_sim_final": views.fmt_float(rec["mean_sim_final"]),
+                "mean_sim_final_raw": views.raw(rec["mean_sim_final"]),
+                "removed_by": state.short, "dominant_tags": rec["dominant_tags"],
+                "group": group_of.get(c, ""),
+            }
+        )  # fmt: skip
+    pp = postprocess
+    dedupe = f"one row per {pp.dedupe_key} per cluster, " if pp.dedupe_key else ""
+    head = {
+        "clustered": f"{int(summary['size'].sum()):,}",
+        "clusters": f"{len(summary):,}",
+        "selected": f"{int(summary['size_final'].sum()):,}",
+        "kept_clusters": f"{int((summary['size_final'] > 0).sum()):,}",
+        "rule": f"{dedupe}cosine similarity > {pp.min_similarity}, clusters of at least "
+        f"{pp.min_cluster_size}",
+    }
+    accounted = summarize.is_accounted(funnel_table)
+    funnel = {
+        "rows": [
+            {"step": r["step"], "rows": int(r["rows"]), "removed": int(r["removed"]),
+             "clusters": views.fmt_int(r["clusters"]), "clusters_raw": views.raw(r["clusters"])}
+            for r in funnel_table.to_dict("records")
+        ],
+        "bars": views.funnel_bars(funnel_table, 280),
+        "height": 26 * len(funnel_table) + 12,
+        "note": "Every input row is accounted for: rows left + removed by each step = input rows."
+        if accounted else "WARNING: the funnel does not add up to the input rows.",
+    }  # fmt: skip
+    size_tables = [
+        ("Before post-processing", _table(summarize.top_tail(summary, "size", top_n),
+         TOP_TAIL_HEADERS, "top-tail-before", ("top_cluster", "tail_cluster"))),
+        ("After post-processing", _table(summarize.top_tail(summary, "size_final", top_n),
+         TOP_TAIL_HEADERS, "top-tail-after", ("top_cluster", "tail_cluster"))),
+        ("Original top clusters and new top clusters", _table(
+            summarize.top_comparison(summary, top_n), COMPARISON_HEADERS, "top-comparison",
+            ("original_top_cluster", "new_top_cluster"))),
+    ]  # fmt: skip
+    group_rows = []
+    for name, n_objects, clusters in groups.get("rows", []):
+        crops = [
+            (c, catalogue.crops(catalogue.picks.get(c, views.Picks()).top[:2], 32))
+            for c in clusters
+        ]
+        group_rows.append({"name": name, "objects": n_objects, "clusters": crops})
+    return render(
+        "index.html",
+        title="Cluster review",
+        prefix="",
+        site=site,
+        head=head,
+        index=index,
+        tags=tag_options(summary),
+        state_counts=state_options([r["state"] for r in index]),
+        map_plot=views.map_plot(summary, centres_xy),
+        scatter=views.scatter_plot(summary),
+        groups={"source": groups.get("source"), "error": groups.get("error"), "rows": group_rows},
+        funnel=funnel,
+        top_n=top_n,
+        size_tables=size_tables,
+        size_chart=views.size_chart(summary),
+        sim_chart=views.similarity_chart(
+            sim_counts, pp.min_similarity, "Cosine similarity to the cluster centre"
+        ),
+    )
+
+
+def render_gallery(site: Site, summary: pd.DataFrame, catalogue: Catalogue, n_crops: int) -> str:
+    """One tile per non-empty cluster: its ``n_crops`` most similar members."""
+    live = summary[summary["size"] > 0].sort_values(
+        ["size_final", "size", "cluster"], ascending=[False, False, True]
+    )
+    tiles = []
+    for rec in live.to_dict("records"):
+        c = int(rec["cluster"])
+        picks = catalogue.picks.get(c, views.Picks())
+        tiles.append(
+            {
+                "cluster": c, "state": views.cluster_state(rec).state,
+                "tag": views.dominant_tag(rec["dominant_tags"]),
+                "members": catalogue.crops(picks.top[:n_crops], 52),
+                "size": int(rec["size"]), "size_final": int(rec["size_final"]),
+                "mean_sim": views.fmt_float(rec["mean_sim"]),
+            }
+        )  # fmt: skip
+    return render(
+        "gallery.html",
+        title="Gallery",
+        prefix="",
+        site=site,
+        tiles=tiles,
+        n_crops=n_crops,
+        tags=tag_options(summary),
+        state_counts=state_options([t["state"] for t in tiles]),
+    )
+
+
+# --------------------------------------------------------------------------- cluster pages
+
+
+def verdict(rec: dict, state: str, pp: PostprocessConfig) -> str:
+    if state == "removed":
+        if rec["size_after_similarity"] > 0:
+            left = int(rec["size_after_similarity"])
+            return (
+                f"Removed: {left} member{'s' if left != 1 else ''} passed the similarity "
+                f"filter, fewer than the minimum cluster size {pp.min_cluster_size}."
+            )
+        return f"Removed: no member has cosine similarity above {pp.min_similarity}."
+    if state == "shrunk":
+        return f"Shrunk from {int(rec['size']):,} to {int(rec['size_final']):,} members."
+    if state == "whole":
+        return "Every member kept."
+    return "No object was assigned to this centre."
+
+
+def health(rec: dict, mix: list, histogram: views.BarChart) -> dict | None:
+    """The health block of a cluster page (``cluster_summary``'s health columns)."""
+    if int(rec.get("size", 0) or 0) == 0 or "n_users" not in rec:
+        return None
+    flags: list[tuple[str, int | None]] = []
+    if rec.get("single_user"):
+        flags.append(("single user: one user holds more than half of the members", None))
+    if rec.get("sink"):
+        flags.append(("sink: large, with a mean cosine under half the typical one", None))
+    if not views.is_missing(rec.get("near_duplicate_of")):
+        flags.append(("near duplicate of", int(rec["near_duplicate_of"])))
+    nearest = rec.get("nearest_cluster")
+    has_nearest = not views.is_missing(nearest) and int(nearest) >= 0
+    return {
+        "n_users": int(rec["n_users"]),
+        "top_user": rec["top_user"],
+        "top_share": views.fmt_float(100 * rec["top_user_share"], 0),
+        "sim_min": views.fmt_float(rec["sim_min"]),
+        "sim_median": views.fmt_float(rec["sim_median"]),
+        "sim_std": views.fmt_float(rec["sim_std"]),
+        "nearest": int(nearest) if has_nearest else None,
+        "nearest_cos": views.fmt_float(rec.get("nearest_cos")),
+        "mix": mix,
+        "flags": flags,
+        "histogram": histogram,
+    }
+
+
+def render_cluster_page(
+    site: Site,
+    rec: dict,
+    catalogue: Catalogue,
+    pp: PostprocessConfig,
+    neighbours: tuple[int | None, int | None],
+    nearest: list[dict],
+    mix: list,
+    histogram: views.BarChart,
+    rescue: list[str],
+    member_pages: list[tuple[str, int, list[dict]]],
+    group: str | None,
+) -> str:
+    """One cluster's page: verdict and rescue, sizes after each step, health, nearest
+    clusters, the most similar, weakest kept and least similar removed members, and the
+    links to every member's page."""
+    c = int(rec["cluster"])
+    state = views.cluster_state(rec)
+    picks = catalogue.picks.get(c, views.Picks())
+    steps = [
+        ("assigned by k-means", int(rec["size"]), "", 0),
+        (f"one row per {pp.dedupe_key}" if pp.dedupe_key else "no dedupe",
+         int(rec["size_after_dedupe"]), schema.STATUS_DUPLICATE,
+         state.removed_by[schema.STATUS_DUPLICATE]),
+        (f"cosine similarity > {pp.min_similarity}", int(rec["size_after_similarity"]),
+         schema.STATUS_LOW_SIMILARITY, state.removed_by[schema.STATUS_LOW_SIMILARITY]),
+        (f"cluster of at least {pp.min_cluster_size}", int(rec["size_final"]),
+         schema.STATUS_SMALL_CLUSTER, state.removed_by[schema.STATUS_SMALL_CLUSTER]),
+    ]  # fmt: skip
+    context = {
+        "cluster": c,
+        "state": state.state,
+        "dominant_tags": rec["dominant_tags"],
+        "mean_sim": views.fmt_float(rec["mean_sim"]),
+        "mean_sim_final": views.fmt_float(rec["mean_sim_final"]),
+        "mean_dist": views.fmt_float(rec["mean_dist"]),
+        "verdict": verdict(rec, state.state, pp),
+        "rescue": rescue,
+        "group": group,
+        "steps": [{"name": n, "rows": r, "status": s, "removed": k} for n, r, s, k in steps],
+        "health": health(rec, mix, histogram),
+        "nearest": nearest,
+        "grids": {
+            "samples-top": catalogue.of(picks.top),
+            "samples-weakest": catalogue.of(picks.weakest_kept),
+            "samples-removed": catalogue.of(picks.removed_tail),
+        },
+        "member_pages": member_pages,
+    }
+    return render(
+        "cluster.html", title=f"Cluster {c}", prefix="../", site=site, c=context,
+        prev=neighbours[0], next=neighbours[1],
+    )  # fmt: skip
+
+
+def render_member_page(
+    site: Site,
+    cluster: int,
+    state: str,
+    kind: str,
+    members: list[dict],
+    page: int,
+    pages: int,
+    first: int,
+    total: int,
+) -> str:
+    """One page of a cluster's kept or removed members, by cosine."""
+    return render(
+        "members.html",
+        title=f"Cluster {cluster}: {kind} members, page {page}",
+        prefix="../",
+        site=site,
+        cluster=cluster,
+        state=state,
+        kind=kind,
+        grids={"members-grid": members},
+        page=page,
+        pages=pages,
+        first=first,
+        last=first + len(members) - 1,
+        total=total,
+        prev=views.member_page_name(cluster, kind, page - 1) if page > 1 else None,
+        next=views.member_page_name(cluster, kind, page + 1) if page < pages else None,
+    )
