@@ -328,8 +328,11 @@ def read_inside(path: str, root: str) -> bytes:
     is resolved and checked only when there is one) and ``O_NONBLOCK`` (a FIFO never
     blocks), and ``fstat`` says whether it is a regular file.
 
-    Raises :class:`PathOutsideRoot`, :class:`NotRegularFile` or ``OSError``.
+    Raises :class:`PathOutsideRoot`, :class:`NotRegularFile` or ``OSError`` (a path with
+    a NUL byte, which no file can have, is ``FileNotFoundError``).
     """
+    if "\0" in path:
+        raise FileNotFoundError(errno.ENOENT, "No such file (the path holds a NUL byte)", path)
     if not _inside(_real_folder(os.path.dirname(path)), root):
         raise PathOutsideRoot(path)
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)

@@ -259,6 +259,12 @@ def test_temporaries_carry_the_run_id_and_are_removed_as_ours(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", f"notes.tmp-{run_id}-1a2b3c4d"]
 
 
+def test_a_path_with_a_nul_byte_is_a_missing_file(tmp_path):
+    # (found by tests/test_reliability.py's mutated CSVs: a NUL in an image name)
+    with pytest.raises(FileNotFoundError, match="NUL byte"):
+        store.read_inside(str(tmp_path / "a\0b.npy"), str(tmp_path))
+
+
 def test_check_writable(tmp_path):
     folder = tmp_path / "a" / "b"
     store.check_writable(str(folder), "output.dir")
