@@ -26,8 +26,12 @@ from .stages import STAGE_NAMES
 
 
 def local_cores() -> int:
-    """CPU cores of this machine (the one fallback for every "all cores" default)."""
-    return os.cpu_count() or 1
+    """CPU cores this process may run on (the one fallback for every "all cores" default):
+    the affinity mask where the OS has one, so ``taskset -c 0`` means one core."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class TrainPlan:
     blas_threads: int
     block_orders: tuple[tuple[int, ...], ...] = field(repr=False)
     metric: str = "euclidean"
+    strategy: str = "sequential"
 
     @property
     def reseed_window(self) -> int:
@@ -138,6 +143,9 @@ class TrainPlan:
         first = ", ".join(map(str, self.block_orders[0][:8])) if self.block_orders else ""
         more = ", ..." if self.n_blocks > 8 else ""
         metric = f"metric={self.metric}, " if self.metric != "euclidean" else ""
+        if self.strategy != "sequential":
+            sampled = len(self.block_orders[0]) if self.block_orders else 0
+            metric += f"strategy={self.strategy} (chain on {sampled} sampled blocks), "
         return (
             f"TrainPlan({metric}rows={self.n_rows:,}, dim={self.dim}, n_clusters={self.n_clusters}, "
             f"chunk_rows={self.chunk_rows}, blocks={self.n_blocks}, batch_size={self.batch_size}, "
@@ -244,10 +252,37 @@ def effective_n_clusters(train: TrainConfig, n_rows: int) -> int:
     return int(train.n_clusters)
 
 
+#: ``train.strategy: parallel`` without ``refine_iterations``: Lloyd passes over all blocks.
+PARALLEL_REFINE_ITERATIONS = 3
+
+
+def sampled_blocks(train: TrainConfig, n_blocks: int) -> int:
+    """Blocks the mini-batch chain visits per epoch: all of them (``sequential``), or
+    ``train.sample_blocks`` (default a quarter, at least one) with ``parallel``.
+
+    >>> sampled_blocks(TrainConfig(strategy="parallel"), 123), sampled_blocks(TrainConfig(), 123)
+    (31, 123)
+    """
+    if train.strategy == "sequential":
+        return n_blocks
+    return min(n_blocks, train.sample_blocks or max(1, math.ceil(n_blocks / 4)))
+
+
+def refine_iterations(train: TrainConfig) -> int:
+    """Full-batch refinement passes: ``train.refine_iterations``, else 0 for the
+    ``sequential`` strategy and :data:`PARALLEL_REFINE_ITERATIONS` for ``parallel``."""
+    if train.refine_iterations is not None:
+        return train.refine_iterations
+    return PARALLEL_REFINE_ITERATIONS if train.strategy == "parallel" else 0
+
+
 def plan_training(
     train: TrainConfig, n_rows: int, dim: int, chunk_rows: int, blas_threads: int
 ) -> TrainPlan:
     """Check feasibility and fix the fit's derived parameters and block order.
+
+    With ``train.strategy: parallel`` each epoch's order is a seeded uniform sample of
+    the blocks (:func:`sampled_blocks`); the refinement passes then cover every block.
 
     Raises
     ------
@@ -279,6 +314,8 @@ def plan_training(
     if n_blocks > 1 and n_rows - (n_blocks - 1) * chunk_rows < k and orders[0][0] == n_blocks - 1:
         # The first partial_fit call needs >= k rows: never start on a short last block.
         orders[0][0], orders[0][1] = orders[0][1], orders[0][0]
+    n_sampled = sampled_blocks(train, n_blocks)
+    orders = [order[:n_sampled] for order in orders]
     return TrainPlan(
         n_rows=n_rows,
         dim=dim,
@@ -287,11 +324,12 @@ def plan_training(
         batch_size=batch_size,
         init_size=init_size,
         epochs=train.epochs,
-        refine_iterations=train.refine_iterations,
+        refine_iterations=refine_iterations(train),
         seed=train.seed,
         blas_threads=blas_threads,
         block_orders=tuple(tuple(order) for order in orders),
         metric=train.metric,
+        strategy=train.strategy,
     )
 
 
