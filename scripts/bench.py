@@ -163,6 +163,41 @@ def worker_ours(
     )
 
 
+def worker_ours_stages(data: Path, out: Path, args) -> None:
+    """Our pipeline one stage at a time, recording each stage's wall time and the CPU time
+    of all its threads (``getrusage``): CPU / wall is how many cores the stage kept busy,
+    a measure of its parallelism that other load on a shared machine does not hide."""
+    import resource
+
+    from pipeline.config import Config
+    from pipeline.runner import run
+    from pipeline.stages import STAGE_NAMES
+
+    train = {"n_clusters": args.k, "seed": args.seed}
+    if args.strategy:
+        train["strategy"] = args.strategy
+    cfg = Config.model_validate(
+        {
+            "input": {"objects_csv": str(data / "ins_posts_object_tags_cleaned.csv"),
+                      "embeddings_root": str(data / "ins_posts"), "images_root": None},
+            "train": train,
+            "output": {"dir": str(out / "run")},
+            "executor": {"progress": False},
+        }
+    )  # fmt: skip
+    timings = {}
+    for stage in STAGE_NAMES:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        result = run(cfg, stages=(stage,), force=True)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        name = "fit" if stage == "train" else stage
+        timings[name] = result.timings[stage]
+        timings[f"{name}_cpu"] = (after.ru_utime - before.ru_utime) + (
+            after.ru_stime - before.ru_stime
+        )
+    (out / "timings.json").write_text(json.dumps(timings))
+
+
 def worker_faiss(data: Path, out: Path, args, spherical: bool = False) -> None:
     """faiss ``Kmeans``, 20 iterations, in memory; with ``spherical``, spherical k-means on
     L2-normalised rows (what issue 11 measured)."""
@@ -254,6 +289,7 @@ WORKERS = {
     "writeup": lambda d, o, a: worker_writeup(d, o, a, 1),
     "writeup3": lambda d, o, a: worker_writeup(d, o, a, 3),
     "ours": worker_ours,
+    "ours_stages": worker_ours_stages,
     "ours_euclidean": lambda d, o, a: worker_ours(d, o, a, "euclidean"),
     "ours_cosine": lambda d, o, a: worker_ours(d, o, a, "cosine"),
     "ours_parallel": lambda d, o, a: worker_ours(d, o, a, None, "parallel"),
@@ -535,7 +571,7 @@ def compare_cores(data: Path, args, counts: list[int]) -> None:
             base = Path(args.root) / "runs" / "cores" / str(n)
             gemm, _ = run_worker("gemm", data, base / "gemm", args, cpus)
             copy, _ = run_worker("copy", data, base / "copy", args, cpus)
-            ours, peak = run_worker("ours", data, base / "ours" / str(r), args, cpus)
+            ours, peak = run_worker("ours_stages", data, base / "ours" / str(r), args, cpus)
             row = {**ours, "copy": copy["copy"], "gflops": gemm["gflops"], "peak": peak}
             runs[n].append(row)
             print(f"  {n} core(s) run {r + 1}/{args.repeats}: "
@@ -549,12 +585,16 @@ def compare_cores(data: Path, args, counts: list[int]) -> None:
         med[n]["whole run"] = sum(med[n][s] for s in stages)
     names = {"fit": "train"}
     head = ["stage", *(f"{n} core{'s' if n > 1 else ''} s" for n in counts),
-            *(f"{n} vs {counts[0]}" for n in counts[1:])]  # fmt: skip
+            *(f"{n} vs {counts[0]}" for n in counts[1:]),
+            *(f"cores busy at {n} (CPU s / wall s)" for n in counts)]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in counts:
+        med[n]["whole run_cpu"] = sum(med[n][f"{s}_cpu"] for s in stages)
     for stage in [*stages, "whole run"]:
         cells = [f"{med[n][stage]:.2f}" for n in counts]
         ratios = [f"{med[n][stage] / med[counts[0]][stage]:.2f}x" for n in counts[1:]]
-        lines.append(f"| {names.get(stage, stage)} | " + " | ".join(cells + ratios) + " |")
+        busy = [f"{med[n][f'{stage}_cpu'] / med[n][stage]:.2f}" for n in counts]
+        lines.append(f"| {names.get(stage, stage)} | " + " | ".join(cells + ratios + busy) + " |")
     lines.append("")
     head = ["bound", *(f"{n} core{'s' if n > 1 else ''}" for n in counts)]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
