@@ -351,13 +351,14 @@ def estimate_resources(
     """Per-stage estimates from the shape of the run.
 
     The per-row constants are measured at 1,000,000 x 1,792 (README, *Benchmark results*):
-    ingest holds the objects table while validating it (~530 bytes a row), predict one
+    ingest streams the objects CSV through its checks and keeps the validated table
+    memory-mapped (~60 bytes a row in private memory), predict one
     block and its score matrix per worker, post-processing the key columns (~170 bytes a
     row). Disk counts what the stage leaves behind, plus the staging memmap for ingest.
 
     >>> e = estimate_resources(1_000_000, 1792, 8192, 600, 2)
     >>> round(e["ingest"].disk_bytes / 2**30, 1), round(e["ingest"].peak_bytes / 2**20)
-    (13.5, 899)
+    (13.6, 451)
     """
     chunk_rows = effective_chunk_rows(chunk_rows, n_rows)
     vectors = n_rows * dim * 4
@@ -365,7 +366,7 @@ def estimate_resources(
     model = n_clusters * dim * 4
     init_rows = min(n_rows, 32 * n_clusters)
     return {
-        "ingest": StageEstimate(_BASE_BYTES + 530 * n_rows + 4 * block, 2 * vectors + 120 * n_rows),
+        "ingest": StageEstimate(_BASE_BYTES + 60 * n_rows + 4 * block, 2 * vectors + 320 * n_rows),
         "train": StageEstimate(_BASE_BYTES + 2 * init_rows * dim * 4 + 8 * model + 2 * block,
                                2 * model),
         "predict": StageEstimate(
@@ -375,3 +376,77 @@ def estimate_resources(
         "postprocess": StageEstimate(_BASE_BYTES + 170 * n_rows, 300 * n_rows),
         "report": StageEstimate(_BASE_BYTES + 100 * n_rows, n_clusters * 16 * 8_000),
     }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- time at scale
+
+#: Measured on this project's 2-core box (README, *Benchmark results* and *At larger
+#: scales*): the ingest's cost per row (CSV, one file open per image, the objects table)
+#: and per byte of vectors (read once, written to the memmap and to the store); the fit's
+#: and predict's time over their GEMM bound; post-processing and report per row and core.
+INGEST_SECONDS_PER_ROW = 45e-6
+INGEST_BYTES_PER_SECOND = 160e6
+FIT_OVER_GEMM = 2.8
+PREDICT_OVER_GEMM = 1.8
+REFINE_OVER_GEMM = 1.8
+POSTPROCESS_CORE_SECONDS_PER_ROW = 12e-6
+REPORT_SECONDS_PER_ROW = 2e-6
+
+
+@dataclass(frozen=True)
+class ScaleEstimate:
+    """One stage at a given scale: seconds, peak private memory and disk."""
+
+    seconds: float
+    peak_bytes: int
+    disk_bytes: int
+    bound: str
+
+
+def estimate_at_scale(
+    train: TrainConfig,
+    n_rows: int,
+    dim: int,
+    n_clusters: int,
+    n_workers: int,
+    threads_per_worker: int,
+    chunk_rows: int,
+    gflops_per_core: float,
+) -> dict[str, ScaleEstimate]:
+    """Per-stage time, memory and disk of a run of ``n_rows x dim`` with ``n_clusters`` on
+    ``n_workers`` workers of ``threads_per_worker`` cores, each core doing
+    ``gflops_per_core`` float32 GFLOP/s (what ``--dry-run --rows ...`` prints).
+
+    The sequential chain runs on one worker's cores; refinement passes, predict and
+    post-processing spread over all; the local ingest runs on the client alone.
+
+    >>> e = estimate_at_scale(TrainConfig(), 10**6, 1792, 600, 1, 2, 8192, 100.0)
+    >>> round(e["train"].seconds), round(e["predict"].seconds), e["predict"].bound
+    (30, 19, 'GEMM on 2 cores')
+    """
+    cores = n_workers * threads_per_worker
+    flop = 2.0 * n_rows * n_clusters * dim
+    n_blocks = math.ceil(n_rows / effective_chunk_rows(chunk_rows, n_rows))
+    sampled = sampled_blocks(train, n_blocks) / n_blocks
+    chain = train.epochs * sampled * flop / (gflops_per_core * 1e9 * threads_per_worker)
+    refine = refine_iterations(train) * flop / (gflops_per_core * 1e9 * cores)
+    # Memory per process: a worker runs threads_per_worker blocks at once.
+    resources = estimate_resources(n_rows, dim, chunk_rows, n_clusters, threads_per_worker)
+    vectors = n_rows * dim * 4
+    seconds = {
+        "ingest": (INGEST_SECONDS_PER_ROW * n_rows + vectors / INGEST_BYTES_PER_SECOND,
+                   "the client: file reads and 2 writes of the vectors"),
+        "train": (FIT_OVER_GEMM * chain + REFINE_OVER_GEMM * refine,
+                  f"GEMM of the sequential chain on {threads_per_worker} cores"
+                  if FIT_OVER_GEMM * chain >= REFINE_OVER_GEMM * refine
+                  else f"GEMM of the refinement passes on {cores} cores"),
+        "predict": (PREDICT_OVER_GEMM * flop / (gflops_per_core * 1e9 * cores),
+                    f"GEMM on {cores} cores"),
+        "postprocess": (POSTPROCESS_CORE_SECONDS_PER_ROW * n_rows / cores,
+                        f"the shuffle and writes on {cores} cores"),
+        "report": (REPORT_SECONDS_PER_ROW * n_rows, "the client"),
+    }  # fmt: skip
+    return {
+        name: ScaleEstimate(t, resources[name].peak_bytes, resources[name].disk_bytes, why)
+        for name, (t, why) in seconds.items()
+    }
