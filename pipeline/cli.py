@@ -133,17 +133,26 @@ def run(
     k: _scale_option("--k", "clusters of that run (default train.n_clusters or auto).") = None,
     workers: _scale_option("--workers", "workers of that run (default 1).") = None,
     threads: _scale_option("--threads", "cores per worker (default this machine's).") = None,
+    gflops: Annotated[
+        float | None,
+        typer.Option(
+            "--gflops",
+            min=0.1,
+            help="With --dry-run --rows: float32 GEMM GFLOP/s "
+            "per core of the target machines (default: measured here).",
+        ),
+    ] = None,
 ) -> None:
     """Run every stage, skipping those already up to date."""
     if rows is not None:
-        _describe_scale(config, set_, rows, dims, k, workers, threads, dry_run)
+        _describe_scale(config, set_, rows, dims, k, workers, threads, gflops, dry_run)
         return
     _run_stages(STAGE_NAMES, config, set_, scheduler, force, dry_run, quiet)
 
 
 def _describe_scale(
     config: Path, overrides: list[str] | None, rows: int, dims: int | None, k: int | None,
-    workers: int | None, threads: int | None, dry_run: bool,
+    workers: int | None, threads: int | None, gflops: float | None, dry_run: bool,
 ) -> None:  # fmt: skip
     """``run --dry-run --rows N``: per-stage time, memory and disk at that scale."""
     from .plan import effective_n_clusters, local_cores
@@ -157,7 +166,7 @@ def _describe_scale(
         _fail(exc)
     n_clusters = k or effective_n_clusters(cfg.train, rows)
     typer.echo(describe_scale(cfg, rows, dims or 1792, n_clusters, workers or 1,
-                              threads or local_cores()))  # fmt: skip
+                              threads or local_cores(), gflops))  # fmt: skip
 
 
 for _stage in STAGE_NAMES:

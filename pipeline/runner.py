@@ -512,13 +512,15 @@ def measure_gflops_per_core(dim: int, k: int) -> float:
 
 
 def describe_scale(
-    cfg: Config, n_rows: int, dim: int, n_clusters: int, n_workers: int, threads: int
-) -> str:
+    cfg: Config, n_rows: int, dim: int, n_clusters: int, n_workers: int, threads: int,
+    gflops_per_core: float | None = None,
+) -> str:  # fmt: skip
     """What ``--dry-run --rows N --dims D`` prints: each stage's estimated time, peak
     memory and disk at that scale, from rates measured on this machine (no data read)."""
     from .plan import estimate_at_scale, refine_iterations, sampled_blocks
 
-    rate = measure_gflops_per_core(dim, n_clusters)
+    rate = gflops_per_core or measure_gflops_per_core(dim, n_clusters)
+    source = "given" if gflops_per_core else "measured here"
     estimates = estimate_at_scale(cfg.train, n_rows, dim, n_clusters, n_workers, threads,
                                   cfg.ingest.chunk_rows, rate)  # fmt: skip
     n_blocks = math.ceil(n_rows / max(1, min(cfg.ingest.chunk_rows, n_rows)))
@@ -527,7 +529,7 @@ def describe_scale(
         f"k = {n_clusters}, {n_workers} worker(s) x {threads} core(s); train.strategy "
         f"{cfg.train.strategy} (chain over {sampled_blocks(cfg.train, n_blocks):,} of "
         f"{n_blocks:,} blocks x {cfg.train.epochs} epoch(s), {refine_iterations(cfg.train)} "
-        f"refinement pass(es)); GEMM measured here: {rate:.0f} GFLOP/s per core",
+        f"refinement pass(es)); GEMM {source}: {rate:.0f} GFLOP/s per core",
         f"  {'stage':<12} {'time':>10} {'peak memory':>12} {'disk':>10}  bound by",
     ]
     for name, e in estimates.items():

@@ -368,10 +368,12 @@ def validate_rows(
         for r, u, i, x in typed.loc[dup, _OBJECT_KEY].itertuples()
     ]
     codes = selection_codes(typed, select)
-    for code in (1, 2):
-        new = (reason == "") & (codes == code)
-        reason[new] = SELECTION_REASONS[code]
-        detail[new] = selection_detail(code, select)
+    new = (reason == "") & (codes == 1)
+    reason[new] = "not_selected:tag"  # SELECTION_REASONS[1]
+    detail[new] = selection_detail(1, select)
+    new = (reason == "") & (codes == 2)
+    reason[new] = "not_selected:score"  # SELECTION_REASONS[2]
+    detail[new] = selection_detail(2, select)
     return typed, reason, detail
 
 
