@@ -40,6 +40,7 @@ from .embeddings import (
     recording_paths,
 )
 from .objects import (
+    CSV_BLOCK_BYTES,
     SELECTION_REASONS,
     check_rows,
     duplicate_detail,
@@ -200,7 +201,11 @@ class _ObjectsStaging:
 
 
 def read_and_validate(
-    csv_path: str, select: SelectConfig, on_bad_bbox: str, staging_path: str
+    csv_path: str,
+    select: SelectConfig,
+    on_bad_bbox: str,
+    staging_path: str,
+    block_bytes: int = CSV_BLOCK_BYTES,
 ) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """Stream the objects CSV through the checks in record batches.
 
@@ -210,7 +215,7 @@ def read_and_validate(
     """
     staging = _ObjectsStaging(staging_path, select, on_bad_bbox)
     try:
-        n_input_rows = stream_objects_csv(csv_path, staging.visit, staging.restart)
+        n_input_rows = stream_objects_csv(csv_path, staging.visit, staging.restart, block_bytes)
     except BaseException:
         staging.restart()  # closes and removes the partial file
         raise

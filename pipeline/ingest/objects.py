@@ -130,7 +130,9 @@ def _line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
             yield data[:cut]
 
 
-def _record_batches(path: Path, header: list[str], fast: bool) -> Iterator[pa.Table]:
+def _record_batches(
+    path: Path, header: list[str], fast: bool, block_bytes: int = CSV_BLOCK_BYTES
+) -> Iterator[pa.Table]:
     convert = pacsv.ConvertOptions(
         column_types={c: pa.string() for c in header},
         strings_can_be_null=False,
@@ -157,7 +159,7 @@ def _record_batches(path: Path, header: list[str], fast: bool) -> Iterator[pa.Ta
     # holds one block, where pyarrow's streaming reader reads ahead without bound.
     parse = pacsv.ParseOptions(newlines_in_values=False)
     names: list[str] | None = None
-    for block in _line_blocks(path, CSV_BLOCK_BYTES):
+    for block in _line_blocks(path, block_bytes):
         read = pacsv.ReadOptions(
             block_size=len(block) + 1, **({"column_names": names} if names else {})
         )
@@ -180,7 +182,10 @@ def _check_parsed_header(path: Path, parsed: list[str], header: list[str]) -> No
 
 
 def stream_objects_csv(
-    path: str, visit: Callable[[pd.DataFrame], None], restart: Callable[[], None]
+    path: str,
+    visit: Callable[[pd.DataFrame], None],
+    restart: Callable[[], None],
+    block_bytes: int = CSV_BLOCK_BYTES,
 ) -> int:
     """Read the objects CSV in record batches, every column as text, calling ``visit`` on
     each batch (a frame of consecutive data rows, in file order); returns the row count.
@@ -194,7 +199,7 @@ def stream_objects_csv(
     for fast in (True, False):
         n_rows = 0
         try:
-            for batch in _record_batches(p, header, fast):
+            for batch in _record_batches(p, header, fast, block_bytes):
                 if batch.num_rows:
                     visit(batch.to_pandas())
                     n_rows += batch.num_rows
