@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -48,6 +49,7 @@ class Catalog:
     summary_markdown: str
     report: str
     markers: str
+    manifest: str
     groups_csv: str
     groups_parquet: str
 
@@ -81,6 +83,7 @@ class Catalog:
             summary_markdown=at("summary.md"),
             report=at("report"),
             markers=at("_markers"),
+            manifest=at("_manifest.json"),
             groups_csv=at(GROUPS_CSV_NAME),
             groups_parquet=at(GROUPS_PARQUET_NAME),
         )
@@ -163,6 +166,45 @@ class Catalog:
         if fs.exists(path):
             fs.rm(path)
 
+    # ------------------------------------------------------------------ manifest
+    # Every top-level entry the pipeline writes in the output folder, with the files it
+    # held when its stage finished ({relative path: bytes}); ``None`` while a stage is
+    # writing it. Only entries listed here are ever replaced or deleted, and a rerun
+    # notices an output whose files changed since.
+
+    def read_manifest(self) -> dict[str, dict]:
+        """``{entry name: {"stage", "run_id", "files"}}``; ``{}`` when there is none."""
+        if not self.exists(self.manifest):
+            return {}
+        try:
+            manifest = sinks.read_json(self.manifest)
+        except (ValueError, OSError):
+            return {}
+        return manifest.get("entries", {}) if isinstance(manifest, dict) else {}
+
+    def write_manifest(self, entries: dict[str, dict]) -> None:
+        sinks.write_json({"entries": entries}, self.manifest)
+
+    def entry_name(self, output: str) -> str:
+        """The top-level entry of the output folder that catalog attribute ``output`` is
+        in (``report_index`` -> ``report``)."""
+        return getattr(self, output)[len(self.root.rstrip("/")) + 1 :].split("/", 1)[0]
+
+    def entry_files(self, name: str) -> dict[str, int] | None:
+        """The files under the top-level entry ``name`` with their sizes (``{"": size}``
+        for a file); ``None`` if it does not exist."""
+        fs, path = store.filesystem(store.join(self.root, name))
+        if not fs.exists(path):
+            return None
+        if not fs.isdir(path):
+            return {"": int(fs.size(path))}
+        found = fs.find(path, detail=True)
+        prefix = path.rstrip("/") + "/"
+        return {
+            key[len(prefix) :] if key.startswith(prefix) else key: int(info.get("size") or 0)
+            for key, info in found.items()
+        }
+
     # ------------------------------------------------------------------ store
 
     def store_shape(self) -> tuple[int, int, int]:
@@ -186,8 +228,15 @@ class Catalog:
 
     # ------------------------------------------------------------------ model
 
-    def write_model(self, centres: np.ndarray, estimator: Any, description: dict) -> None:
-        """Save the centres (``centers.npy``), the estimator (joblib) and ``model.json``."""
+    def write_model(
+        self,
+        centres: np.ndarray,
+        estimator: Any,
+        description: dict,
+        tables: dict[str, pd.DataFrame] | None = None,
+    ) -> None:
+        """Save the centres (``centers.npy``), the estimator (joblib), ``model.json`` and
+        any ``tables`` (``{file name: frame}``, as Parquet) in the model folder."""
         import joblib
 
         fs, _ = store.filesystem(self.model)
@@ -200,6 +249,14 @@ class Catalog:
                 joblib.dump(estimator, handle)
             with fs.open(f"{tmp_path}/model.json", "w") as handle:
                 json.dump(description, handle, indent=2, default=str)
+            for name, frame in (tables or {}).items():
+                with fs.open(f"{tmp_path}/{name}", "wb") as handle:
+                    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), handle)
+
+    def read_model_table(self, name: str) -> pd.DataFrame | None:
+        """A table saved with the model (e.g. the k sweep's curve), or ``None``."""
+        url = store.join(self.model, name)
+        return sinks.read_parquet(url) if self.exists(url) else None
 
     def read_centres(self) -> np.ndarray:
         """The fitted centres, ``(n_clusters, n_features)`` float32."""

@@ -129,6 +129,8 @@ class ExecutorConfig(_Section):
     n_workers: PositiveInt | None = None
     threads_per_worker: PositiveInt | None = None
     connect_timeout_s: float = Field(10.0, gt=0)
+    #: Distributed schedulers: stop with one line when no task finishes for this long.
+    stall_timeout_s: float | None = Field(900.0, gt=0)
     progress: bool = True
 
     @field_validator("scheduler")

@@ -9,6 +9,7 @@ here, with a progress bar and timing.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +50,9 @@ class Executor:
     n_cores: int
     client: Any = None
     progress: bool = False
+    #: Distributed only: seconds without any task finishing before the run stops
+    #: (``executor.stall_timeout_s``; ``None`` = wait forever).
+    stall_timeout_s: float | None = None
     #: Task-state transitions each worker processed (distributed only), read when the
     #: executor closes: evidence of where the work ran.
     worker_transitions: dict[str, int] = field(default_factory=dict)
@@ -66,13 +70,7 @@ class Executor:
     def compute(self, *objects: Any, desc: str = "") -> Any:
         """Compute dask collections on this executor; returns one result per object."""
         if self.client is not None:
-            futures = self.client.compute(list(objects))
-            if self.progress:
-                from distributed import progress
-
-                progress(futures, notebook=False)
-                print(flush=True)
-            results = self.client.gather(futures)
+            results = self._compute_distributed(objects, desc)
         elif self.progress:
             from dask.diagnostics import ProgressBar
 
@@ -83,6 +81,80 @@ class Executor:
         else:
             results = dask.compute(*objects)
         return results[0] if len(objects) == 1 else tuple(results)
+
+    def _compute_distributed(self, objects: tuple, desc: str) -> list:
+        """``client.compute`` + gather, watched: a lost scheduler or a cluster that stops
+        making progress ends in one :class:`SchedulerError` line, not a hang or tracebacks."""
+        from distributed import progress, wait
+
+        client = self.client
+        address = client.scheduler.address
+        what = f" during {desc}" if desc else ""
+        try:
+            futures = client.compute(list(objects))
+            bar = None
+            if self.progress:  # drawn beside the watch below (the bar blocks until done)
+                bar = threading.Thread(
+                    target=progress, args=(futures,), kwargs={"notebook": False}, daemon=True
+                )
+                bar.start()
+            watch = StallWatch(self.stall_timeout_s, lambda: _scheduler_transitions(client))
+            while True:
+                try:
+                    wait(futures, timeout=watch.poll_s)
+                    break
+                except TimeoutError:
+                    stalled = watch.stalled()
+                    if stalled:
+                        raise SchedulerError(
+                            f"No task finished for {stalled:.0f} s{what} on the dask cluster at "
+                            f"{address} (executor.stall_timeout_s). Check the workers (hung, "
+                            "paused or out of memory); rerun to continue."
+                        ) from None
+            if bar is not None:
+                bar.join(timeout=2)
+                print(flush=True)
+            return client.gather(futures)
+        except SchedulerError:
+            raise
+        except Exception as exc:
+            if client.status in ("running", "newly-created") and _scheduler_alive(client):
+                raise  # a task's own error: the caller reports it
+            raise SchedulerError(
+                f"Lost the dask scheduler at {address}{what} ({type(exc).__name__}). Restart "
+                "it and its workers, then rerun to continue (completed stages are kept)."
+            ) from None
+
+
+class StallWatch:
+    """Tells when a counter (the scheduler's task transitions) has not moved for too long."""
+
+    def __init__(self, limit_s: float | None, read: Any) -> None:
+        self.limit_s, self.read = limit_s, read
+        self.poll_s = 1.0 if limit_s is None else max(0.2, min(5.0, limit_s / 4))
+        self.last, self.since = read(), time.monotonic()
+
+    def stalled(self) -> float:
+        """Seconds without progress if past the limit, else 0."""
+        now, value = time.monotonic(), self.read()
+        if value != self.last:
+            self.last, self.since = value, now
+            return 0.0
+        idle = now - self.since
+        return idle if self.limit_s is not None and idle > self.limit_s else 0.0
+
+
+def _scheduler_transitions(client: Any) -> int:
+    """Task state transitions the scheduler has processed (grows while work progresses)."""
+    return client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+
+
+def _scheduler_alive(client: Any) -> bool:
+    try:
+        client.run_on_scheduler(lambda: True)
+        return True
+    except Exception:  # any failure to reach it is the answer
+        return False
 
 
 def _connect(address: str, timeout_s: float) -> Any:
@@ -216,8 +288,9 @@ def open_executor(
             if verbose:
                 print(f"dask dashboard: {client.dashboard_link}", flush=True)
             ex = Executor(
-                kind="local-cluster", n_cores=workers.n_cores, client=client, progress=progress
-            )
+                kind="local-cluster", n_cores=workers.n_cores, client=client, progress=progress,
+                stall_timeout_s=cfg.stall_timeout_s,
+            )  # fmt: skip
             yield ex
             ex.record_worker_activity()
         return
@@ -227,8 +300,12 @@ def open_executor(
         if verbose:
             print(f"dask dashboard: {client.dashboard_link}", flush=True)
         cores = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values()) or 1
-        ex = Executor(kind="distributed", n_cores=cores, client=client, progress=progress)
+        ex = Executor(kind="distributed", n_cores=cores, client=client, progress=progress,
+                      stall_timeout_s=cfg.stall_timeout_s)  # fmt: skip
         yield ex
         ex.record_worker_activity()
     finally:
-        client.close()
+        try:
+            client.close(timeout=5)
+        except Exception as exc:  # a lost scheduler: the run's own error says so
+            log.debug("closing the client: %s", exc)

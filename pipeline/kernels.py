@@ -88,6 +88,19 @@ def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b)
 
 
+def label_sums(block: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label row sums ``(k, n_features)`` float64 and counts ``(k,)`` (a sparse product).
+
+    >>> sums, counts = label_sums(np.eye(3, dtype=np.float32), np.array([0, 0, 2]), 3)
+    >>> sums.tolist(), counts.tolist()
+    ([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], [2, 0, 1])
+    """
+    n = len(block)
+    onehot = sp.csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n))
+    sums = np.asarray(onehot @ block, dtype=np.float64)
+    return sums, np.bincount(labels, minlength=k).astype(np.int64)
+
+
 def cluster_sums(
     block: np.ndarray, centres: np.ndarray, centre_sq_norms: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -98,12 +111,8 @@ def cluster_sums(
     over blocks and dividing gives the full-batch k-means update, so a Lloyd iteration is
     a parallel map-reduce over the store.
     """
-    k = len(centres)
     labels = nearest_centres(block, centres, centre_sq_norms)
-    n = len(block)
-    onehot = sp.csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n))
-    sums = np.asarray(onehot @ block, dtype=np.float64)
-    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    sums, counts = label_sums(block, labels, len(centres))
     diff = block - centres[labels]
     inertia = float(row_sq_norms(diff).sum(dtype=np.float64))
     return sums, counts, inertia
@@ -116,18 +125,21 @@ def inertia_of(block: np.ndarray, centres: np.ndarray, centre_sq_norms: np.ndarr
     return float(row_sq_norms(diff).sum(dtype=np.float64))
 
 
-def kmeans_plusplus_indices(sample: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+def kmeans_plusplus_indices(
+    sample: np.ndarray, n_clusters: int, seed: int, trials: int | None = None
+) -> np.ndarray:
     """Rows chosen by greedy k-means++ (scikit-learn's algorithm, in float32).
 
-    Each step draws ``2 + log(k)`` candidates in proportion to the squared distance to the
-    nearest chosen row and keeps the one that lowers the potential most.
+    Each step draws ``trials`` candidates (default ``2 + log(k)``) in proportion to the
+    squared distance to the nearest chosen row and keeps the one that lowers the potential
+    most; ``trials=1`` is plain k-means++.
     """
     x = np.ascontiguousarray(sample, dtype=np.float32)
     n = len(x)
     if n < n_clusters:
         raise ValueError(f"k-means++ needs at least {n_clusters} rows; got {n}.")
     rng = np.random.default_rng(seed)
-    trials = 2 + int(math.log(n_clusters))
+    trials = trials or 2 + int(math.log(n_clusters))
     x_sq = row_sq_norms(x)
     chosen = np.empty(n_clusters, dtype=np.int64)
     chosen[0] = int(rng.integers(n))

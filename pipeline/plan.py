@@ -89,6 +89,9 @@ class RunPlan:
     blas_threads: int
     shuffle_seed: int
     chunk_rows: int
+    #: With ``n_clusters: auto``, the post-processing rules the k sweep scores by (so a
+    #: change to them redoes the fit); ``None`` for a fixed k.
+    k_rules: dict | None = None
     #: Settings that work but cost much more than they need to, with the estimated cost.
     warnings: tuple[str, ...] = ()
 
@@ -184,6 +187,13 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
+def k_rules(cfg: Config) -> dict | None:
+    """What the ``n_clusters: auto`` sweep scores k by (``None`` for a fixed k)."""
+    if cfg.train.n_clusters != "auto":
+        return None
+    return cfg.postprocess.model_dump(mode="json")
+
+
 def plan_run(cfg: Config, stages: tuple[str, ...] = STAGE_NAMES) -> RunPlan:
     """Build the run plan: which stages, in which order, writing where, with what."""
     unknown = [s for s in stages if s not in STAGE_NAMES]
@@ -209,6 +219,7 @@ def plan_run(cfg: Config, stages: tuple[str, ...] = STAGE_NAMES) -> RunPlan:
         blas_threads=cfg.train.blas_threads or local_cores(),
         shuffle_seed=shuffle_seed(cfg),
         chunk_rows=cfg.ingest.chunk_rows,
+        k_rules=k_rules(cfg),
         warnings=chunk_rows_warnings(cfg.ingest.chunk_rows),
     )
 
@@ -242,7 +253,8 @@ def check_batch_size(batch_size: int, n_clusters: int) -> None:
 
 
 def effective_n_clusters(train: TrainConfig, n_rows: int) -> int:
-    """``train.n_clusters``, or ``rows / target_cluster_size`` when it is ``auto``.
+    """``train.n_clusters``, or ``rows / target_cluster_size`` when it is ``auto`` (the
+    centre of the sweep :mod:`pipeline.choose_k` runs at train time; estimates use it).
 
     >>> effective_n_clusters(TrainConfig(n_clusters="auto"), 61751)
     618

@@ -211,6 +211,61 @@ def _missing_outputs(catalog: Catalog, stage: Stage) -> list[str]:
     return [name for name in stage.outputs if not catalog.exists(getattr(catalog, name))]
 
 
+def stage_entries(catalog: Catalog, stage: Stage) -> tuple[str, ...]:
+    """The top-level entries of the output folder that ``stage`` writes."""
+    return tuple(dict.fromkeys(catalog.entry_name(output) for output in stage.outputs))
+
+
+def owned_entries(catalog: Catalog) -> dict[str, dict]:
+    """The manifest of what the pipeline wrote here. A folder written before manifests
+    existed adopts the entries of every stage that has a marker (their files unknown)."""
+    manifest = catalog.read_manifest()
+    if manifest or catalog.exists(catalog.manifest):
+        return manifest
+    for stage in STAGES:
+        if catalog.read_marker(stage.name) is not None:
+            for name in stage_entries(catalog, stage):
+                manifest[name] = {"stage": stage.name, "run_id": None, "files": None}
+    return manifest
+
+
+def _changed_outputs(catalog: Catalog, stage: Stage, manifest: dict[str, dict]) -> list[str]:
+    """Entries whose files differ from what the stage left (sizes, added, removed)."""
+    changed = []
+    for name in stage_entries(catalog, stage):
+        recorded = (manifest.get(name) or {}).get("files")
+        if recorded is not None and catalog.entry_files(name) != recorded:
+            changed.append(name)
+    return changed
+
+
+def check_owned(catalog: Catalog, stage: Stage, manifest: dict[str, dict]) -> None:
+    """Refuse to replace an entry (or a file inside one) that the pipeline did not write.
+
+    Raises :class:`OutputError` in one line naming the foreign entry.
+    """
+    for name in stage_entries(catalog, stage):
+        files = catalog.entry_files(name)
+        if files is None:
+            continue
+        where = store.join(catalog.root, name)
+        entry = manifest.get(name)
+        if entry is None:
+            raise OutputError(
+                f"{where} exists but was not written by this pipeline (it is not in "
+                f"{catalog.manifest}), and stage '{stage.name}' writes there. Move it "
+                "away or choose another output.dir."
+            )
+        recorded = entry.get("files")
+        foreign = sorted(set(files) - set(recorded)) if recorded and "" not in files else []
+        if foreign:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise OutputError(
+                f"{store.join(where, foreign[0])}{more} was not written by this pipeline, "
+                f"and stage '{stage.name}' replaces {where} whole. Move it out, then rerun."
+            )
+
+
 def stage_statuses(cfg: Config, plan: RunPlan) -> dict[str, StageStatus]:
     """Every stage's status against the current config and inputs, in pipeline order.
 
@@ -218,6 +273,7 @@ def stage_statuses(cfg: Config, plan: RunPlan) -> dict[str, StageStatus]:
     chains in its upstream's current key) and its outputs exist.
     """
     catalog = plan.catalog
+    manifest = owned_entries(catalog)
     statuses: dict[str, StageStatus] = {}
     upstream_key = None
     for stage in STAGES:
@@ -238,6 +294,8 @@ def stage_statuses(cfg: Config, plan: RunPlan) -> dict[str, StageStatus]:
             missing = _missing_outputs(catalog, stage)
             if missing:
                 reasons.append(f"output(s) missing: {', '.join(missing)}")
+            elif changed := _changed_outputs(catalog, stage, manifest):
+                reasons.append(f"output(s) changed since it ran: {', '.join(changed)}")
         statuses[stage.name] = StageStatus(stage.name, key, not reasons, tuple(reasons))
         upstream_key = key
     return statuses
@@ -358,8 +416,9 @@ def _run_locked(cfg: Config, plan: RunPlan, force: bool, verbose: bool) -> RunRe
     store.remove_stale_temporaries(catalog.root, catalog.owned_names())
     store.remove_stale_temporaries(catalog.markers, tuple(f"{name}.json" for name in STAGE_NAMES))
     metadata = run_metadata(cfg)
+    manifest = owned_entries(catalog)
     upstream_key = None
-    with open_executor(cfg.executor, plan.workers, verbose) as ex:
+    with store.run_scope(plan.run_id), open_executor(cfg.executor, plan.workers, verbose) as ex:
         context = StageContext(plan=plan, executor=ex, metadata=metadata, verbose=verbose)
         for name in STAGE_NAMES:
             stage = BY_NAME[name]
@@ -376,9 +435,14 @@ def _run_locked(cfg: Config, plan: RunPlan, force: bool, verbose: bool) -> RunRe
                 continue
             if not force:
                 log.info("%s: runs because %s", name, "; ".join(status.reasons))
+            check_owned(catalog, stage, manifest)
             # Its outputs are about to change: neither it nor any stage after it is complete.
             for later in downstream_of(name):
                 catalog.clear_marker(later)
+            entries = stage_entries(catalog, stage)
+            for entry in entries:  # ours from now on, files unknown until it finishes
+                manifest[entry] = {"stage": name, "run_id": plan.run_id, "files": None}
+            catalog.write_manifest(manifest)
             sections = {section: getattr(cfg, section) for section in stage.reads}
             function = stage.load()  # imports its module: not part of the stage's time
             with timed(name, result.timings), _one_line_faults(name):
@@ -399,6 +463,9 @@ def _run_locked(cfg: Config, plan: RunPlan, force: bool, verbose: bool) -> RunRe
             upstream_key = key
             if name == "postprocess":
                 result.funnel = out
+            for entry in entries:
+                manifest[entry]["files"] = catalog.entry_files(entry)
+            catalog.write_manifest(manifest)
             catalog.write_marker(
                 name,
                 {

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import dask.array as da
@@ -65,15 +66,33 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 
 
+#: The run writing through :func:`atomic_path` (set by the runner): temporaries carry it.
+_RUN_ID: ContextVar[str | None] = ContextVar("run_id", default=None)
+#: A run id as :func:`pipeline.plan.new_run_id` makes them.
+RUN_ID_PATTERN = r"[0-9T]{15}-[0-9a-f]{6}"
+
+
+@contextmanager
+def run_scope(run_id: str) -> Iterator[None]:
+    """Temporaries made inside the block carry ``run_id``."""
+    token = _RUN_ID.set(run_id)
+    try:
+        yield
+    finally:
+        _RUN_ID.reset(token)
+
+
 @contextmanager
 def atomic_path(url: str) -> Iterator[str]:
     """Yield a temporary sibling of ``url``; move it into place only if the block succeeds.
 
-    A crash inside the block leaves only a ``*.tmp-*`` sibling, never something at ``url``
-    that looks complete. Works for files and folders, local or fsspec.
+    A crash inside the block leaves only a ``<name>.tmp-<run id>-<id>`` sibling, never
+    something at ``url`` that looks complete. Works for files and folders, local or fsspec.
     """
     fs, path = filesystem(url)
-    tmp_url = f"{url.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    run_id = _RUN_ID.get()
+    tag = f"{run_id}-" if run_id else ""
+    tmp_url = f"{url.rstrip('/')}.tmp-{tag}{uuid.uuid4().hex[:8]}"
     _, tmp_path = filesystem(tmp_url)
     try:
         fs.makedirs(fs._parent(path), exist_ok=True)
@@ -107,10 +126,9 @@ def remove_stale_temporaries(url: str, owned: tuple[str, ...], suffix: str = "")
     if not fs.exists(path):
         return
     names = "|".join(re.escape(name) for name in owned)
-    run_file = r"-[0-9T]{15}-[0-9a-f]{6}" + re.escape(suffix)
-    pattern = re.compile(
-        rf"^(?:{names})(?:\.tmp-[0-9a-f]{{8}}|{run_file})$|^\.tmp-probe-[0-9a-f]{{8}}$"
-    )
+    run_file = f"-{RUN_ID_PATTERN}" + re.escape(suffix)
+    temporary = rf"\.tmp-(?:{RUN_ID_PATTERN}-)?[0-9a-f]{{8}}"
+    pattern = re.compile(rf"^(?:{names})(?:{temporary}|{run_file})$|^\.tmp-probe-[0-9a-f]{{8}}$")
     for entry in fs.ls(path, detail=False):
         if pattern.match(entry.rstrip("/").rsplit("/", 1)[-1]):
             fs.rm(entry, recursive=True)

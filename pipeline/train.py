@@ -33,8 +33,8 @@ from dask import delayed
 from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 
-from . import kernels, store
-from .config import TrainConfig
+from . import choose_k, kernels, store
+from .config import PostprocessConfig, TrainConfig
 from .context import StageContext
 from .plan import TrainPlan, plan_training
 
@@ -391,8 +391,13 @@ def training_plan(train: TrainConfig, context: StageContext) -> TrainPlan:
     return plan_training(train, *context.catalog.store_shape(), context.plan.blas_threads)
 
 
-def train_stage(context: StageContext, train: TrainConfig) -> None:
-    """Stage 2: fit the centres and save the model."""
+def train_stage(context: StageContext, train: TrainConfig, postprocess: PostprocessConfig) -> None:
+    """Stage 2: fit the centres and save the model (choosing k first if it is ``auto``)."""
+    sweep = None
+    if train.n_clusters == "auto":
+        sweep = choose_k.sweep_store(context.catalog, train, postprocess, context.plan.blas_threads)
+        log.info("%s", sweep.describe())
+        train = train.model_copy(update={"n_clusters": sweep.chosen})
     plan = training_plan(train, context)
     log.info("%r", plan)
     model = context.executor.compute(
@@ -413,4 +418,9 @@ def train_stage(context: StageContext, train: TrainConfig) -> None:
         params = {k: v for k, v in model.estimator.get_params().items() if k != "init"}
     description = {**context.metadata, "plan": repr(plan), "metric": plan.metric,
                    "params": params, "history": model.history}  # fmt: skip
-    context.catalog.write_model(model.centres, estimator, description)
+    tables = {}
+    if sweep is not None:
+        description["k_sweep"] = {"chosen": sweep.chosen, "rule": choose_k.RULE,
+                                  "sample_rows": sweep.sample_rows}  # fmt: skip
+        tables[choose_k.TABLE_NAME] = sweep.table
+    context.catalog.write_model(model.centres, estimator, description, tables)

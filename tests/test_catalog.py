@@ -33,6 +33,7 @@ EXPECTED_NAMES = {
     "summary_markdown": "summary.md",
     "report": "report",
     "markers": "_markers",
+    "manifest": "_manifest.json",
     "groups_csv": "ins_posts_groups.csv",
     "groups_parquet": "ins_posts_groups.parquet",
 }

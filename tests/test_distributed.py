@@ -190,3 +190,60 @@ def test_a_scheduler_without_workers_is_one_line(tmp_path, small_dataset):
     finally:
         scheduler.terminate()
         scheduler.wait(timeout=10)
+
+
+def _when_parts_appear(out: Path, output: str, action) -> threading.Event:
+    """Call ``action`` once a stage has written 3 parts of ``output`` (mid-stage)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if len(glob.glob(str(out / f"{output}.tmp-*" / "part-*.parquet"))) >= 3:
+                action()
+                done.set()
+                return
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return done
+
+
+def test_a_scheduler_lost_mid_predict_is_one_line(dataset, cluster, tmp_path):
+    out = tmp_path / "out"
+    run(cfg_for(dataset, out), ("ingest", "train"))  # locally: the cluster only predicts
+    killed = _when_parts_appear(out, "assignments.parquet", cluster.scheduler.kill)
+    start = time.monotonic()
+    with pytest.raises(SchedulerError) as err:
+        run(cfg_for(dataset, out, scheduler=cluster.address, connect_timeout_s=3))
+    assert killed.is_set()
+    message = str(err.value)
+    assert message.startswith(f"Lost the dask scheduler at {cluster.address} during predict")
+    assert "\n" not in message
+    assert time.monotonic() - start < 90
+    # Nothing after the lost stage is marked complete; ingest and train are kept.
+    markers = sorted(p.stem for p in (out / "_markers").glob("*.json"))
+    assert markers == ["ingest", "train"]
+
+
+def test_a_cluster_that_stops_making_progress_is_one_line(dataset, cluster, tmp_path):
+    out = tmp_path / "out"
+    run(cfg_for(dataset, out), ("ingest", "train"))  # locally: the cluster only predicts
+
+    def pause_workers() -> None:
+        for worker in cluster.workers:
+            os.kill(worker.pid, signal.SIGSTOP)
+
+    paused = _when_parts_appear(out, "assignments.parquet", pause_workers)
+    try:
+        start = time.monotonic()
+        with pytest.raises(SchedulerError) as err:
+            run(cfg_for(dataset, out, scheduler=cluster.address, stall_timeout_s=3))
+        assert paused.is_set()
+        message = str(err.value)
+        assert message.startswith("No task finished for ") and "during predict" in message
+        assert "executor.stall_timeout_s" in message and "\n" not in message
+        assert time.monotonic() - start < 90
+    finally:
+        for worker in cluster.workers:
+            os.kill(worker.pid, signal.SIGCONT)

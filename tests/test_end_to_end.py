@@ -171,13 +171,6 @@ def test_another_seed_changes_the_shuffle_and_the_fit(small_dataset, tmp_path, f
     np.testing.assert_array_equal(a, b)
 
 
-def test_auto_n_clusters_is_rows_over_target_size(small_dataset, tmp_path):
-    cfg = config_for(small_dataset, tmp_path / "auto",
-                     train={"n_clusters": "auto", "target_cluster_size": 80})  # fmt: skip
-    result = run(cfg, ("ingest", "train"))
-    assert result.catalog.read_centres().shape == (round(2000 / 80), 32)
-
-
 def test_output_csv_is_sorted_by_cluster_then_descending_similarity(finished_run):
     _, result = finished_run
     csv = pd.read_csv(result.catalog.clusters_csv)

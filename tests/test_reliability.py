@@ -451,13 +451,13 @@ def test_every_input_row_ends_in_exactly_one_place(dataset, tmp_path):
 
 
 def output_digests(paths: Catalog) -> dict[str, str]:
-    """Bytes of every output file, except the markers (they hold timestamps) and the
-    review report (rendered for people, with timings)."""
+    """Bytes of every output file, except the markers and the manifest (they hold run ids
+    and timestamps) and the review report (rendered for people, with timings)."""
     root = Path(paths.root)
     digests = {}
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root).as_posix()
-        if path.is_file() and not relative.startswith(("_markers/", "report")):
+        if path.is_file() and not relative.startswith(("_markers/", "_manifest", "report")):
             digests[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
     return digests
 

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.catalog import Catalog
 from pipeline.config import Config
-from pipeline.errors import MissingInputError, StageOrderError
+from pipeline.errors import MissingInputError, OutputError, StageOrderError
 from pipeline.plan import plan_run
 from pipeline.runner import check_upstream, describe_plan, run, stage_statuses
 from pipeline.stages import STAGE_NAMES, STAGES
@@ -139,6 +139,53 @@ def test_a_deleted_output_is_noticed(copy_of):
     v = verdicts(copy_of)
     assert v["postprocess"] == (False, ("output(s) missing: funnel",))
     assert list(run(copy_of).timings) == ["postprocess", "report"]
+
+
+def test_a_changed_output_file_is_noticed(copy_of):
+    # A part removed from inside a folder output, and a file truncated to zero.
+    catalog = Catalog.from_config(copy_of.output)
+    parts = sorted(Path(catalog.postprocessed).glob("part-*.parquet"))
+    parts[-1].unlink()
+    Path(catalog.summary_markdown).write_text("")
+    v = verdicts(copy_of)
+    assert v["postprocess"] == (False, ("output(s) changed since it ran: postprocessed.parquet",))
+    assert v["report"][0] is False
+    assert list(run(copy_of).timings) == ["postprocess", "report"]
+    assert all(up for up, _ in verdicts(copy_of).values())
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_foreign_entry_where_an_output_goes_is_refused_and_kept(small_dataset, tmp_path, force):
+    out = tmp_path / "out"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "my-notes.txt").write_text("the user's")
+    cfg = config_for(small_dataset, out)
+    with pytest.raises(OutputError, match=r"report exists but was not written by this pipeline"):
+        run(cfg, force=force)
+    assert (out / "report" / "my-notes.txt").read_text() == "the user's"
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_foreign_file_inside_an_output_folder_is_refused_and_kept(copy_of, force):
+    catalog = Catalog.from_config(copy_of.output)
+    notes = Path(catalog.model) / "notes.txt"
+    notes.write_text("the user's")
+    changed = with_values(copy_of, train={"seed": 7})
+    with pytest.raises(OutputError) as err:
+        run(changed, force=force)
+    assert str(err.value).startswith(f"{notes} was not written by this pipeline")
+    assert "\n" not in str(err.value)
+    assert notes.read_text() == "the user's"
+    notes.unlink()  # moved out: the run goes on
+    assert "train" in run(changed).timings
+
+
+def test_a_folder_from_before_manifests_adopts_its_outputs(copy_of):
+    catalog = Catalog.from_config(copy_of.output)
+    Path(catalog.manifest).unlink()
+    assert all(up for up, _ in verdicts(copy_of).values())
+    result = run(with_values(copy_of, postprocess={"min_similarity": 0.6}))
+    assert list(result.timings) == ["postprocess", "report"]
 
 
 def test_changed_objects_csv_redoes_everything(copy_of, small_dataset, tmp_path):

@@ -4,6 +4,7 @@ files under ``tmp_path``; numpy slicing and fancy indexing are the oracles."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,6 +245,18 @@ def test_remove_stale_temporaries(tmp_path):
     assert not (tmp_path / "embeddings-20260101T000000-abcdef.f32").exists()
     assert (tmp_path / "model" / "x.tmp-11111111").exists()
     store.remove_stale_temporaries(str(tmp_path / "missing"), ("model",))  # no folder
+
+
+def test_temporaries_carry_the_run_id_and_are_removed_as_ours(tmp_path):
+    run_id = "20260101T000000-abcdef"
+    with store.run_scope(run_id), store.atomic_path(str(tmp_path / "model")) as tmp:
+        assert Path(tmp).name.startswith(f"model.tmp-{run_id}-")
+        Path(tmp).mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    (tmp_path / f"model.tmp-{run_id}-1a2b3c4d").mkdir()  # as a killed run leaves it
+    (tmp_path / f"notes.tmp-{run_id}-1a2b3c4d").mkdir()  # not one of our names
+    store.remove_stale_temporaries(str(tmp_path), ("model",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", f"notes.tmp-{run_id}-1a2b3c4d"]
 
 
 def test_check_writable(tmp_path):

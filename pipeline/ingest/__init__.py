@@ -287,19 +287,20 @@ def _ingest(
     memmap = open_memmap(memmap_path, len(candidates), dim)
     if input.embeddings_matrix:
         emb_reasons, emb_details = fill_memmap_from_matrix(candidates, matrix, memmap, progress)
+        read_paths: list[str] = []  # one matrix: no per-image files
     else:
-        read_paths: list[str] = []
+        read_paths = []
         emb_reasons, emb_details = fill_memmap_from_files(
             recording_paths(files.batches(FILES_PER_TASK), read_paths),
             len(files), len(candidates), memmap, dim, progress,
         )  # fmt: skip
         del files  # it shares columns with the table
-        # The files the CSV names: what a rerun fingerprints to notice a changed input.
-        sinks.write_parquet(
-            pa.table({"path": pa.array(read_paths, pa.string())}), catalog.embedding_files,
-            pa.schema([("path", pa.string())]),
-        )  # fmt: skip
-        del read_paths
+    # The files the CSV names: what a rerun fingerprints to notice a changed input.
+    sinks.write_parquet(
+        pa.table({"path": pa.array(read_paths, pa.string())}), catalog.embedding_files,
+        pa.schema([("path", pa.string())]),
+    )  # fmt: skip
+    del read_paths
     memmap.flush()
 
     late = rejects_frame(candidates[schema.SOURCE_ROW], candidates, emb_reasons, emb_details)
