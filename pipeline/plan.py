@@ -364,13 +364,14 @@ def estimate_resources(
 
     The per-row constants are measured at 1,000,000 x 1,792 (README, *Benchmark results*):
     ingest streams the objects CSV through its checks and keeps the validated table
-    memory-mapped (~60 bytes a row in private memory), predict one
+    memory-mapped, but groups the rows by embedding file (~490 bytes a row, measured
+    at 1,000,000 x 256 against 61,751 x 256), predict one
     block and its score matrix per worker, post-processing the key columns (~170 bytes a
     row). Disk counts what the stage leaves behind, plus the staging memmap for ingest.
 
     >>> e = estimate_resources(1_000_000, 1792, 8192, 600, 2)
     >>> round(e["ingest"].disk_bytes / 2**30, 1), round(e["ingest"].peak_bytes / 2**20)
-    (13.6, 451)
+    (13.6, 861)
     """
     chunk_rows = effective_chunk_rows(chunk_rows, n_rows)
     vectors = n_rows * dim * 4
@@ -378,7 +379,7 @@ def estimate_resources(
     model = n_clusters * dim * 4
     init_rows = min(n_rows, 32 * n_clusters)
     return {
-        "ingest": StageEstimate(_BASE_BYTES + 60 * n_rows + 4 * block, 2 * vectors + 320 * n_rows),
+        "ingest": StageEstimate(_BASE_BYTES + 490 * n_rows + 4 * block, 2 * vectors + 320 * n_rows),
         "train": StageEstimate(_BASE_BYTES + 2 * init_rows * dim * 4 + 8 * model + 2 * block,
                                2 * model),
         "predict": StageEstimate(
