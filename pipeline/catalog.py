@@ -134,6 +134,11 @@ class Catalog:
         """The ingest's staging memmap of run ``run_id`` (private to the run)."""
         return store.join(self.staging, f"embeddings-{run_id}.f32")
 
+    def objects_staging(self, run_id: str) -> str:
+        """The ingest's validated objects of run ``run_id`` (an Arrow file read
+        memory-mapped, so the table is not held in the process's private memory)."""
+        return store.join(self.staging, f"objects-{run_id}.arrow")
+
     # ------------------------------------------------------------------ existence
 
     @staticmethod

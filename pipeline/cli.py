@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import PipelineError
+from .errors import ConfigError, PipelineError
 from .stages import STAGE_NAMES
 
 app = typer.Typer(
@@ -116,6 +116,10 @@ def _stage_command(stage: str):
     return command
 
 
+def _scale_option(name: str, text: str):
+    return Annotated[int | None, typer.Option(name, min=1, help=f"With --dry-run: {text}")]
+
+
 @app.command()
 def run(
     config: ConfigOpt = Path("config.yaml"),
@@ -124,9 +128,45 @@ def run(
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     quiet: QuietOpt = False,
+    rows: _scale_option("--rows", "estimate a run of this many rows (no data needed).") = None,
+    dims: _scale_option("--dims", "embedding dimension of that run (default 1792).") = None,
+    k: _scale_option("--k", "clusters of that run (default train.n_clusters or auto).") = None,
+    workers: _scale_option("--workers", "workers of that run (default 1).") = None,
+    threads: _scale_option("--threads", "cores per worker (default this machine's).") = None,
+    gflops: Annotated[
+        float | None,
+        typer.Option(
+            "--gflops",
+            min=0.1,
+            help="With --dry-run --rows: float32 GEMM GFLOP/s "
+            "per core of the target machines (default: measured here).",
+        ),
+    ] = None,
 ) -> None:
     """Run every stage, skipping those already up to date."""
+    if rows is not None:
+        _describe_scale(config, set_, rows, dims, k, workers, threads, gflops, dry_run)
+        return
     _run_stages(STAGE_NAMES, config, set_, scheduler, force, dry_run, quiet)
+
+
+def _describe_scale(
+    config: Path, overrides: list[str] | None, rows: int, dims: int | None, k: int | None,
+    workers: int | None, threads: int | None, gflops: float | None, dry_run: bool,
+) -> None:  # fmt: skip
+    """``run --dry-run --rows N``: per-stage time, memory and disk at that scale."""
+    from .plan import effective_n_clusters, local_cores
+    from .runner import describe_scale
+
+    if not dry_run:
+        _fail(ConfigError("--rows (and --dims, --k, --workers, --threads) need --dry-run."))
+    try:
+        cfg = _load(config, overrides, None, True)
+    except PipelineError as exc:
+        _fail(exc)
+    n_clusters = k or effective_n_clusters(cfg.train, rows)
+    typer.echo(describe_scale(cfg, rows, dims or 1792, n_clusters, workers or 1,
+                              threads or local_cores(), gflops))  # fmt: skip
 
 
 for _stage in STAGE_NAMES:

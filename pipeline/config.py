@@ -77,7 +77,9 @@ class TrainConfig(_Section):
     epochs: PositiveInt = 1
     init_size: PositiveInt | None = None
     init_projection_dim: PositiveInt | None = 256
-    refine_iterations: Annotated[int, Field(ge=0)] = 0
+    refine_iterations: Annotated[int, Field(ge=0)] | None = None
+    strategy: Literal["sequential", "parallel"] = "sequential"
+    sample_blocks: PositiveInt | None = None
     reassignment_ratio: float = Field(0.0, ge=0.0, le=1.0)
     reseed_min_members: Annotated[int, Field(ge=0)] = 2
     sink_split: bool = True

@@ -26,8 +26,12 @@ from .stages import STAGE_NAMES
 
 
 def local_cores() -> int:
-    """CPU cores of this machine (the one fallback for every "all cores" default)."""
-    return os.cpu_count() or 1
+    """CPU cores this process may run on (the one fallback for every "all cores" default):
+    the affinity mask where the OS has one, so ``taskset -c 0`` means one core."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ class TrainPlan:
     blas_threads: int
     block_orders: tuple[tuple[int, ...], ...] = field(repr=False)
     metric: str = "euclidean"
+    strategy: str = "sequential"
 
     @property
     def reseed_window(self) -> int:
@@ -141,6 +146,9 @@ class TrainPlan:
         first = ", ".join(map(str, self.block_orders[0][:8])) if self.block_orders else ""
         more = ", ..." if self.n_blocks > 8 else ""
         metric = f"metric={self.metric}, " if self.metric != "euclidean" else ""
+        if self.strategy != "sequential":
+            sampled = len(self.block_orders[0]) if self.block_orders else 0
+            metric += f"strategy={self.strategy} (chain on {sampled} sampled blocks), "
         return (
             f"TrainPlan({metric}rows={self.n_rows:,}, dim={self.dim}, n_clusters={self.n_clusters}, "
             f"chunk_rows={self.chunk_rows}, blocks={self.n_blocks}, batch_size={self.batch_size}, "
@@ -256,10 +264,37 @@ def effective_n_clusters(train: TrainConfig, n_rows: int) -> int:
     return int(train.n_clusters)
 
 
+#: ``train.strategy: parallel`` without ``refine_iterations``: Lloyd passes over all blocks.
+PARALLEL_REFINE_ITERATIONS = 3
+
+
+def sampled_blocks(train: TrainConfig, n_blocks: int) -> int:
+    """Blocks the mini-batch chain visits per epoch: all of them (``sequential``), or
+    ``train.sample_blocks`` (default a quarter, at least one) with ``parallel``.
+
+    >>> sampled_blocks(TrainConfig(strategy="parallel"), 123), sampled_blocks(TrainConfig(), 123)
+    (31, 123)
+    """
+    if train.strategy == "sequential":
+        return n_blocks
+    return min(n_blocks, train.sample_blocks or max(1, math.ceil(n_blocks / 4)))
+
+
+def refine_iterations(train: TrainConfig) -> int:
+    """Full-batch refinement passes: ``train.refine_iterations``, else 0 for the
+    ``sequential`` strategy and :data:`PARALLEL_REFINE_ITERATIONS` for ``parallel``."""
+    if train.refine_iterations is not None:
+        return train.refine_iterations
+    return PARALLEL_REFINE_ITERATIONS if train.strategy == "parallel" else 0
+
+
 def plan_training(
     train: TrainConfig, n_rows: int, dim: int, chunk_rows: int, blas_threads: int
 ) -> TrainPlan:
     """Check feasibility and fix the fit's derived parameters and block order.
+
+    With ``train.strategy: parallel`` each epoch's order is a seeded uniform sample of
+    the blocks (:func:`sampled_blocks`); the refinement passes then cover every block.
 
     Raises
     ------
@@ -291,6 +326,8 @@ def plan_training(
     if n_blocks > 1 and n_rows - (n_blocks - 1) * chunk_rows < k and orders[0][0] == n_blocks - 1:
         # The first partial_fit call needs >= k rows: never start on a short last block.
         orders[0][0], orders[0][1] = orders[0][1], orders[0][0]
+    n_sampled = sampled_blocks(train, n_blocks)
+    orders = [order[:n_sampled] for order in orders]
     return TrainPlan(
         n_rows=n_rows,
         dim=dim,
@@ -299,11 +336,12 @@ def plan_training(
         batch_size=batch_size,
         init_size=init_size,
         epochs=train.epochs,
-        refine_iterations=train.refine_iterations,
+        refine_iterations=refine_iterations(train),
         seed=train.seed,
         blas_threads=blas_threads,
         block_orders=tuple(tuple(order) for order in orders),
         metric=train.metric,
+        strategy=train.strategy,
     )
 
 
@@ -325,13 +363,15 @@ def estimate_resources(
     """Per-stage estimates from the shape of the run.
 
     The per-row constants are measured at 1,000,000 x 1,792 (README, *Benchmark results*):
-    ingest holds the objects table while validating it (~530 bytes a row), predict one
+    ingest streams the objects CSV through its checks and keeps the validated table
+    memory-mapped, but groups the rows by embedding file (~490 bytes a row, measured
+    at 1,000,000 x 256 against 61,751 x 256), predict one
     block and its score matrix per worker, post-processing the key columns (~170 bytes a
     row). Disk counts what the stage leaves behind, plus the staging memmap for ingest.
 
     >>> e = estimate_resources(1_000_000, 1792, 8192, 600, 2)
     >>> round(e["ingest"].disk_bytes / 2**30, 1), round(e["ingest"].peak_bytes / 2**20)
-    (13.5, 899)
+    (13.6, 861)
     """
     chunk_rows = effective_chunk_rows(chunk_rows, n_rows)
     vectors = n_rows * dim * 4
@@ -339,7 +379,7 @@ def estimate_resources(
     model = n_clusters * dim * 4
     init_rows = min(n_rows, 32 * n_clusters)
     return {
-        "ingest": StageEstimate(_BASE_BYTES + 530 * n_rows + 4 * block, 2 * vectors + 120 * n_rows),
+        "ingest": StageEstimate(_BASE_BYTES + 490 * n_rows + 4 * block, 2 * vectors + 320 * n_rows),
         "train": StageEstimate(_BASE_BYTES + 2 * init_rows * dim * 4 + 8 * model + 2 * block,
                                2 * model),
         "predict": StageEstimate(
@@ -349,3 +389,77 @@ def estimate_resources(
         "postprocess": StageEstimate(_BASE_BYTES + 170 * n_rows, 300 * n_rows),
         "report": StageEstimate(_BASE_BYTES + 100 * n_rows, n_clusters * 16 * 8_000),
     }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- time at scale
+
+#: Measured on this project's 2-core box (README, *Benchmark results* and *At larger
+#: scales*): the ingest's cost per row (CSV, one file open per image, the objects table)
+#: and per byte of vectors (read once, written to the memmap and to the store); the fit's
+#: and predict's time over their GEMM bound; post-processing and report per row and core.
+INGEST_SECONDS_PER_ROW = 45e-6
+INGEST_BYTES_PER_SECOND = 160e6
+FIT_OVER_GEMM = 2.8
+PREDICT_OVER_GEMM = 1.8
+REFINE_OVER_GEMM = 1.8
+POSTPROCESS_CORE_SECONDS_PER_ROW = 12e-6
+REPORT_SECONDS_PER_ROW = 2e-6
+
+
+@dataclass(frozen=True)
+class ScaleEstimate:
+    """One stage at a given scale: seconds, peak private memory and disk."""
+
+    seconds: float
+    peak_bytes: int
+    disk_bytes: int
+    bound: str
+
+
+def estimate_at_scale(
+    train: TrainConfig,
+    n_rows: int,
+    dim: int,
+    n_clusters: int,
+    n_workers: int,
+    threads_per_worker: int,
+    chunk_rows: int,
+    gflops_per_core: float,
+) -> dict[str, ScaleEstimate]:
+    """Per-stage time, memory and disk of a run of ``n_rows x dim`` with ``n_clusters`` on
+    ``n_workers`` workers of ``threads_per_worker`` cores, each core doing
+    ``gflops_per_core`` float32 GFLOP/s (what ``--dry-run --rows ...`` prints).
+
+    The sequential chain runs on one worker's cores; refinement passes, predict and
+    post-processing spread over all; the local ingest runs on the client alone.
+
+    >>> e = estimate_at_scale(TrainConfig(), 10**6, 1792, 600, 1, 2, 8192, 100.0)
+    >>> round(e["train"].seconds), round(e["predict"].seconds), e["predict"].bound
+    (30, 19, 'GEMM on 2 cores')
+    """
+    cores = n_workers * threads_per_worker
+    flop = 2.0 * n_rows * n_clusters * dim
+    n_blocks = math.ceil(n_rows / effective_chunk_rows(chunk_rows, n_rows))
+    sampled = sampled_blocks(train, n_blocks) / n_blocks
+    chain = train.epochs * sampled * flop / (gflops_per_core * 1e9 * threads_per_worker)
+    refine = refine_iterations(train) * flop / (gflops_per_core * 1e9 * cores)
+    # Memory per process: a worker runs threads_per_worker blocks at once.
+    resources = estimate_resources(n_rows, dim, chunk_rows, n_clusters, threads_per_worker)
+    vectors = n_rows * dim * 4
+    seconds = {
+        "ingest": (INGEST_SECONDS_PER_ROW * n_rows + vectors / INGEST_BYTES_PER_SECOND,
+                   "the client: file reads and 2 writes of the vectors"),
+        "train": (FIT_OVER_GEMM * chain + REFINE_OVER_GEMM * refine,
+                  f"GEMM of the sequential chain on {threads_per_worker} cores"
+                  if FIT_OVER_GEMM * chain >= REFINE_OVER_GEMM * refine
+                  else f"GEMM of the refinement passes on {cores} cores"),
+        "predict": (PREDICT_OVER_GEMM * flop / (gflops_per_core * 1e9 * cores),
+                    f"GEMM on {cores} cores"),
+        "postprocess": (POSTPROCESS_CORE_SECONDS_PER_ROW * n_rows / cores,
+                        f"the shuffle and writes on {cores} cores"),
+        "report": (REPORT_SECONDS_PER_ROW * n_rows, "the client"),
+    }  # fmt: skip
+    return {
+        name: ScaleEstimate(t, resources[name].peak_bytes, resources[name].disk_bytes, why)
+        for name, (t, why) in seconds.items()
+    }

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -411,6 +412,7 @@ def _run_locked(cfg: Config, plan: RunPlan, force: bool, verbose: bool) -> RunRe
             check_free_space(cfg, plan)
         # Staging files of this output folder left by killed runs (we hold its lock).
         store.remove_stale_temporaries(catalog.staging, ("embeddings",), suffix=".f32")
+        store.remove_stale_temporaries(catalog.staging, ("objects",), suffix=".arrow")
     store.remove_stale_temporaries(catalog.root, catalog.owned_names())
     store.remove_stale_temporaries(catalog.markers, tuple(f"{name}.json" for name in STAGE_NAMES))
     metadata = run_metadata(cfg)
@@ -557,3 +559,58 @@ def describe_plan(cfg: Config, plan: RunPlan, force: bool = False) -> str:
     else:
         lines.append("TrainPlan: known after ingest (the store does not exist yet)")
     return "\n".join(lines)
+
+
+def measure_gflops_per_core(dim: int, k: int) -> float:
+    """This machine's float32 GEMM rate per core for the ``(8192, dim) @ (dim, k)``
+    products that predict and the fit make (a few tenths of a second)."""
+    from .plan import local_cores
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((8192, min(dim, 4096)), dtype=np.float32)
+    b = rng.standard_normal((min(dim, 4096), min(k, 4096)), dtype=np.float32)
+    a @ b
+    best = float("inf")
+    for _ in range(7):  # the best run: other load on the machine only slows some down
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best / 1e9 / local_cores()
+
+
+def describe_scale(
+    cfg: Config, n_rows: int, dim: int, n_clusters: int, n_workers: int, threads: int,
+    gflops_per_core: float | None = None,
+) -> str:  # fmt: skip
+    """What ``--dry-run --rows N --dims D`` prints: each stage's estimated time, peak
+    memory and disk at that scale, from rates measured on this machine (no data read)."""
+    from .plan import estimate_at_scale, refine_iterations, sampled_blocks
+
+    rate = gflops_per_core or measure_gflops_per_core(dim, n_clusters)
+    source = "given" if gflops_per_core else "measured here"
+    estimates = estimate_at_scale(cfg.train, n_rows, dim, n_clusters, n_workers, threads,
+                                  cfg.ingest.chunk_rows, rate)  # fmt: skip
+    n_blocks = math.ceil(n_rows / max(1, min(cfg.ingest.chunk_rows, n_rows)))
+    lines = [
+        f"scale: {n_rows:,} rows x {dim} dims ({_mib(n_rows * dim * 4)} of vectors), "
+        f"k = {n_clusters}, {n_workers} worker(s) x {threads} core(s); train.strategy "
+        f"{cfg.train.strategy} (chain over {sampled_blocks(cfg.train, n_blocks):,} of "
+        f"{n_blocks:,} blocks x {cfg.train.epochs} epoch(s), {refine_iterations(cfg.train)} "
+        f"refinement pass(es)); GEMM {source}: {rate:.0f} GFLOP/s per core",
+        f"  {'stage':<12} {'time':>10} {'peak memory':>12} {'disk':>10}  bound by",
+    ]
+    for name, e in estimates.items():
+        lines.append(f"  {name:<12} {_duration(e.seconds):>10} {_mib(e.peak_bytes):>12} "
+                     f"{_mib(e.disk_bytes):>10}  {e.bound}")  # fmt: skip
+    total = sum(e.seconds for e in estimates.values())
+    slowest = max(estimates, key=lambda name: estimates[name].seconds)
+    lines.append(f"  {'whole run':<12} {_duration(total):>10}  (the largest: {slowest})")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -34,8 +34,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("read_files", "writeup", "writeup3", "ours", "ours_euclidean", "ours_cosine", "mbk3",
-           "faiss", "faiss_sph", "sklearn")  # fmt: skip
+METHODS = ("read_files", "writeup", "writeup3", "ours", "ours_euclidean", "ours_cosine",
+           "ours_parallel", "ours_euclidean_parallel", "mbk3", "faiss", "faiss_sph",
+           "sklearn")  # fmt: skip
 LABELS = {
     "read_files": "read the .npy files once",
     "writeup": "write-up: memmap, file order, 1 pass",
@@ -43,13 +44,15 @@ LABELS = {
     "ours": "ours (pipeline run, default config)",
     "ours_euclidean": "ours, metric euclidean",
     "ours_cosine": "ours, metric cosine",
+    "ours_parallel": "ours, default metric, train.strategy parallel",
+    "ours_euclidean_parallel": "ours, metric euclidean, train.strategy parallel",
     "mbk3": "shuffled MiniBatchKMeans, batch 1024, 3 epochs",
     "faiss": "faiss Kmeans, 20 iter",
     "faiss_sph": "faiss Kmeans(spherical), L2-normalised rows, 20 iter",
     "sklearn": "sklearn KMeans, 20 iter",
 }
 #: Methods that fit in the cosine metric (no Euclidean inertia shown).
-COSINE_METHODS = {"ours_cosine", "faiss_sph"}
+COSINE_METHODS = {"ours_cosine", "faiss_sph", "ours_parallel"}
 #: Slow or in-memory anchors: run once whatever --repeats says.
 RUN_ONCE = {"sklearn", "faiss", "faiss_sph", "mbk3"}
 #: Generator settings (pipeline.synthetic.make_demo_dataset knobs); "demo" is the demo.
@@ -127,12 +130,17 @@ def worker_writeup(data: Path, out: Path, args, passes: int = 1) -> None:
     _save(out, {"fit": fit, "predict": predict}, model.cluster_centers_, labels, sims)
 
 
-def worker_ours(data: Path, out: Path, args, metric: str | None = None) -> None:
+def worker_ours(
+    data: Path, out: Path, args, metric: str | None = None, strategy: str | None = None
+) -> None:
     from pipeline import sinks
     from pipeline.config import Config
     from pipeline.runner import run
 
     train = {"n_clusters": args.k, "seed": args.seed, **({"metric": metric} if metric else {})}
+    strategy = strategy or getattr(args, "strategy", None)
+    if strategy:
+        train["strategy"] = strategy
     cfg = Config.model_validate(
         {
             "input": {"objects_csv": str(data / "ins_posts_object_tags_cleaned.csv"),
@@ -153,6 +161,41 @@ def worker_ours(data: Path, out: Path, args, metric: str | None = None) -> None:
         table["cluster"].to_numpy(),
         table["sim"].to_numpy(),
     )
+
+
+def worker_ours_stages(data: Path, out: Path, args) -> None:
+    """Our pipeline one stage at a time, recording each stage's wall time and the CPU time
+    of all its threads (``getrusage``): CPU / wall is how many cores the stage kept busy,
+    a measure of its parallelism that other load on a shared machine does not hide."""
+    import resource
+
+    from pipeline.config import Config
+    from pipeline.runner import run
+    from pipeline.stages import STAGE_NAMES
+
+    train = {"n_clusters": args.k, "seed": args.seed}
+    if args.strategy:
+        train["strategy"] = args.strategy
+    cfg = Config.model_validate(
+        {
+            "input": {"objects_csv": str(data / "ins_posts_object_tags_cleaned.csv"),
+                      "embeddings_root": str(data / "ins_posts"), "images_root": None},
+            "train": train,
+            "output": {"dir": str(out / "run")},
+            "executor": {"progress": False},
+        }
+    )  # fmt: skip
+    timings = {}
+    for stage in STAGE_NAMES:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        result = run(cfg, stages=(stage,), force=True)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        name = "fit" if stage == "train" else stage
+        timings[name] = result.timings[stage]
+        timings[f"{name}_cpu"] = (after.ru_utime - before.ru_utime) + (
+            after.ru_stime - before.ru_stime
+        )
+    (out / "timings.json").write_text(json.dumps(timings))
 
 
 def worker_faiss(data: Path, out: Path, args, spherical: bool = False) -> None:
@@ -212,13 +255,45 @@ def worker_sklearn(data: Path, out: Path, args) -> None:
     _save(out, {"load": load, "fit": fit, "predict": predict}, km.cluster_centers_, labels, sims)
 
 
+def worker_copy(data: Path, out: Path, args) -> None:
+    """A plain copy of the ingest's input bytes: every embedding file the CSV names, read
+    once and appended to one file on the output's disk (what ``cat files > one`` does),
+    the floor an ingest that reads and writes the vectors once could reach."""
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(data / "ins_posts_object_tags_cleaned.csv", convert_options=pacsv.ConvertOptions(
+        include_columns=["username", "image_name"]))  # fmt: skip
+    t = time.perf_counter()
+    pairs = dict.fromkeys(zip(table["username"].to_pylist(), table["image_name"].to_pylist(),
+                              strict=True))  # fmt: skip
+    total = 0
+    target = out / "copy.bin"
+    with target.open("wb") as sink:
+        for user, image in pairs:
+            with open(data / "ins_posts" / user / "embeddings" / f"{image}.npy", "rb") as src:
+                total += sink.write(src.read())
+    elapsed = time.perf_counter() - t
+    target.unlink()
+    (out / "timings.json").write_text(json.dumps({"copy": elapsed, "bytes": total}))
+
+
+def worker_gemm(data: Path, out: Path, args) -> None:
+    """The float32 GEMM rate on the cores this process may use (taskset)."""
+    (out / "timings.json").write_text(json.dumps({"gflops": gemm_rate_gflops(args.dim, args.k)}))
+
+
 WORKERS = {
+    "copy": worker_copy,
+    "gemm": worker_gemm,
     "read_files": worker_read_files,
     "writeup": lambda d, o, a: worker_writeup(d, o, a, 1),
     "writeup3": lambda d, o, a: worker_writeup(d, o, a, 3),
     "ours": worker_ours,
+    "ours_stages": worker_ours_stages,
     "ours_euclidean": lambda d, o, a: worker_ours(d, o, a, "euclidean"),
     "ours_cosine": lambda d, o, a: worker_ours(d, o, a, "cosine"),
+    "ours_parallel": lambda d, o, a: worker_ours(d, o, a, None, "parallel"),
+    "ours_euclidean_parallel": lambda d, o, a: worker_ours(d, o, a, "euclidean", "parallel"),
     "mbk3": worker_mbk3,
     "faiss": worker_faiss,
     "faiss_sph": lambda d, o, a: worker_faiss(d, o, a, spherical=True),
@@ -237,10 +312,18 @@ def rss_anon_mib(pid: int) -> float:
     return 0.0
 
 
-def run_worker(method: str, data: Path, out: Path, args) -> tuple[dict, float]:
+def run_worker(
+    method: str, data: Path, out: Path, args, cpus: str | None = None
+) -> tuple[dict, float]:
+    """Run one method in a fresh interpreter (pinned to ``cpus`` with ``taskset`` when
+    given); returns its timings and its peak private memory in MiB."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--worker", method, "--data", str(data), "--out", str(out),
-           "--k", str(args.k), "--seed", str(args.seed)]  # fmt: skip
+           "--k", str(args.k), "--seed", str(args.seed), "--dim", str(args.dim)]  # fmt: skip
+    if method.startswith("ours") and args.strategy:
+        cmd += ["--strategy", args.strategy]
+    if cpus is not None:
+        cmd = ["taskset", "-c", cpus, *cmd]
     proc = subprocess.Popen(cmd)
     peak = 0.0
     while proc.poll() is None:
@@ -415,6 +498,14 @@ def main() -> None:
     parser.add_argument(
         "--root", default=str(ROOT / "bench"), help="where data and runs go (git-ignored)"
     )
+    parser.add_argument(
+        "--cores", help="core counts to compare, e.g. 1,2: run our pipeline pinned with taskset "
+        "to each (plus a plain copy of the ingest's input bytes and the GEMM rate on those "
+        "cores) and print each stage side by side with ratios",
+    )  # fmt: skip
+    parser.add_argument(
+        "--strategy", choices=("sequential", "parallel"), help="train.strategy for our runs"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -428,6 +519,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     data = prepare_data(args)
+    if args.cores:
+        compare_cores(data, args, [int(c) for c in args.cores.split(",")])
+        return
     rate = gemm_rate_gflops(args.dim, args.k)
     pass_flop = 2 * args.rows * args.k * args.dim
     print(f"\nmachine: {os.cpu_count()} cores; float32 GEMM {rate:.0f} GFLOP/s; one assignment pass "
@@ -458,6 +552,71 @@ def main() -> None:
     print_table(rows, args, rate, pass_flop)
 
 
+def compare_cores(data: Path, args, counts: list[int]) -> None:
+    """Each stage of our pipeline pinned to 1, 2, ... cores (``taskset``), side by side.
+
+    Repeats are interleaved (1 core, 2 cores, 1 core, ...) so that a noisy minute on a
+    shared machine hits every core count alike. With each run: a plain copy of the ingest's
+    input bytes on the same disk and the GEMM rate on the same cores, so ingest and predict
+    are also shown against their bounds.
+    """
+    allowed = sorted(os.sched_getaffinity(0))
+    if max(counts) > len(allowed):
+        raise SystemExit(f"--cores {max(counts)} but this process may use {len(allowed)} cores")
+    pass_flop = 2 * args.rows * args.k * args.dim
+    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    for r in range(args.repeats):
+        for n in counts:
+            cpus = ",".join(map(str, allowed[:n]))
+            base = Path(args.root) / "runs" / "cores" / str(n)
+            gemm, _ = run_worker("gemm", data, base / "gemm", args, cpus)
+            copy, _ = run_worker("copy", data, base / "copy", args, cpus)
+            ours, peak = run_worker("ours_stages", data, base / "ours" / str(r), args, cpus)
+            row = {**ours, "copy": copy["copy"], "gflops": gemm["gflops"], "peak": peak}
+            runs[n].append(row)
+            print(f"  {n} core(s) run {r + 1}/{args.repeats}: "
+                  f"{json.dumps({k: round(v, 2) for k, v in row.items()})}", flush=True)  # fmt: skip
+    med = {n: {key: statistics.median(run[key] for run in runs[n]) for key in runs[n][0]}
+           for n in counts}  # fmt: skip
+    stages = [
+        s for s in ("ingest", "fit", "predict", "postprocess", "report") if s in med[counts[0]]
+    ]
+    for n in counts:
+        med[n]["whole run"] = sum(med[n][s] for s in stages)
+    names = {"fit": "train"}
+    head = ["stage", *(f"{n} core{'s' if n > 1 else ''} s" for n in counts),
+            *(f"{n} vs {counts[0]}" for n in counts[1:]),
+            *(f"cores busy at {n} (CPU s / wall s)" for n in counts)]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in counts:
+        med[n]["whole run_cpu"] = sum(med[n][f"{s}_cpu"] for s in stages)
+    for stage in [*stages, "whole run"]:
+        cells = [f"{med[n][stage]:.2f}" for n in counts]
+        ratios = [f"{med[n][stage] / med[counts[0]][stage]:.2f}x" for n in counts[1:]]
+        busy = [f"{med[n][f'{stage}_cpu'] / med[n][stage]:.2f}" for n in counts]
+        lines.append(f"| {names.get(stage, stage)} | " + " | ".join(cells + ratios + busy) + " |")
+    lines.append("")
+    head = ["bound", *(f"{n} core{'s' if n > 1 else ''}" for n in counts)]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    bound_rows = {
+        "plain copy of the input bytes s": lambda m: f"{m['copy']:.2f}",
+        "ingest / copy": lambda m: f"{m['ingest'] / m['copy']:.2f}x",
+        "GEMM GFLOP/s": lambda m: f"{m['gflops']:.0f}",
+        "predict pass at GEMM rate s": lambda m: f"{pass_flop / 1e9 / m['gflops']:.2f}",
+        "predict / GEMM bound": lambda m: f"{m['predict'] / (pass_flop / 1e9 / m['gflops']):.2f}x",
+        "peak private MiB": lambda m: f"{m['peak']:.0f}",
+    }
+    for name, cell in bound_rows.items():
+        lines.append(f"| {name} | " + " | ".join(cell(med[n]) for n in counts) + " |")
+    text = (f"**cores** {args.rows:,} rows x {args.dim} dims, k = {args.k}, "
+            f"train.strategy {args.strategy or 'default'}; medians of {args.repeats} interleaved "
+            f"runs per core count (taskset)\n\n" + "\n".join(lines))  # fmt: skip
+    print("\n" + text)
+    out = Path(args.root) / f"results-{args.rows}-cores-{'-'.join(map(str, counts))}.md"
+    out.write_text(text + "\n")
+    print(f"\nwritten to {out}")
+
+
 def print_table(rows: dict, args, rate: float, pass_flop: float) -> None:
     from pipeline.config import TrainConfig
 
@@ -466,6 +625,7 @@ def print_table(rows: dict, args, rate: float, pass_flop: float) -> None:
     base = rows.get("writeup")
     base_fp = base["t"]["fit"] + base["t"]["predict"] if base else None
     passes = {"writeup": 2, "writeup3": 4, "ours": 2, "ours_euclidean": 2, "ours_cosine": 2,
+              "ours_parallel": 2, "ours_euclidean_parallel": 2,
               "mbk3": 4, "faiss": 21, "faiss_sph": 21, "sklearn": 21}  # fmt: skip
 
     def label(method: str) -> str:

@@ -76,6 +76,30 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, small_dataset):
     assert not (tmp_path / "out" / "embeddings.zarr").exists()
 
 
+def test_dry_run_at_a_scale_needs_no_data(tmp_path):
+    """``--rows/--dims/--k/--workers`` with ``--dry-run``: one line per stage with time,
+    memory and disk, from a config whose inputs do not exist."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"input:\n  objects_csv: {tmp_path / 'none.csv'}\noutput:\n  dir: {tmp_path / 'out'}\n"
+    )
+    args = ["run", "-c", str(config), "--dry-run", "--rows", "10000000", "--dims", "256",
+            "--k", "600", "--workers", "4", "--threads", "8"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        "10,000,000 rows x 256 dims" in result.output and "4 worker(s) x 8 core(s)" in result.output
+    )
+    for stage in ("ingest", "train", "predict", "postprocess", "report", "whole run"):
+        assert any(line.strip().startswith(stage) for line in result.output.splitlines()), stage
+    assert "GEMM on 32 cores" in result.output
+    assert not (tmp_path / "out").exists()
+    result = runner.invoke(app, ["run", "-c", str(config), "--rows", "5"])
+    assert result.exit_code == 2 and error_lines(result) == [
+        "error: --rows (and --dims, --k, --workers, --threads) need --dry-run."
+    ]
+
+
 def test_stage_commands_run_in_order(tmp_path, small_dataset):
     config = write_config(tmp_path, small_dataset)
     for stage in ("ingest", "train", "predict", "postprocess", "report"):

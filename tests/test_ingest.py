@@ -268,3 +268,44 @@ def test_a_bad_bbox_is_kept_and_flagged_by_default(small_dataset, tmp_path):
     result, catalog = ingest_only(strict)
     rejects = sinks.read_parquet(catalog.rejects)
     assert rejects["source_row"].tolist() == [3, 10] and set(rejects["reason"]) == {"bad_bbox"}
+
+
+@pytest.mark.parametrize("block_bytes", [97, 1000, 1 << 23])
+def test_streamed_validation_equals_the_whole_table_checks(tmp_path, block_bytes):
+    """The ingest validates the CSV in blocks cut at line breaks; a repeated object must
+    be found across blocks and everything must equal :func:`validate_rows` on the whole
+    table (the oracle): the same rejects (reasons and details, in file order) and the
+    same candidates. Blocks of 97 bytes hold about one row each."""
+    from pipeline.config import SelectConfig
+    from pipeline.ingest import read_and_validate, validate_rows
+
+    rows = ["batch_folder,username,res_name,bbox,tag,score,idx,image_name,extra"]
+    for i in range(40):
+        rows.append(
+            f'b,u{i % 7},r,"[0, 0, {i}, 5]",{"hat" if i % 5 else "cap"},{i / 40},{i % 3},img{i % 4},x{i}'
+        )
+    rows[12] = rows[3]  # a repeat of an earlier row, in another block
+    rows[30] = rows[3].replace('"[0, 0, 2, 5]"', '"[1, 2]"')  # same key, bad bbox first
+    rows[25] = "b,u1,r,[0 0 1 1],hat,nan,1,img1,y"  # bad score
+    rows[33] = "b,,r,[0 0 1 1],hat,0.5,0,img9,z"  # missing username
+    path = tmp_path / "objects.csv"
+    path.write_text("\n".join(rows) + "\n")
+    select = SelectConfig(exclude_tags=["cap"], min_score=0.1)
+
+    candidates, rejects, n = read_and_validate(
+        str(path), select, "reject", str(tmp_path / "staging.arrow"), block_bytes
+    )
+    raw = read_objects_csv(str(path))
+    typed, reasons, details = validate_rows(raw, select, "reject")
+    assert n == len(raw) == 40
+    bad = reasons.to_numpy() != ""
+    assert rejects["source_row"].tolist() == np.flatnonzero(bad).tolist()
+    assert rejects["reason"].tolist() == reasons[bad].tolist()
+    assert rejects["detail"].tolist() == details[bad].tolist()
+    assert {"duplicate_object", "bad_bbox", "bad_score", "missing_key", "not_selected:tag",
+            "not_selected:score"} <= set(rejects["reason"])  # fmt: skip
+    expected = typed[~bad].reset_index(drop=True)
+    assert candidates["source_row"].tolist() == np.flatnonzero(~bad).tolist()
+    pd.testing.assert_frame_equal(
+        candidates.drop(columns="source_row"), expected, check_dtype=False
+    )

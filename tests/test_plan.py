@@ -285,3 +285,22 @@ def test_estimate_resources_monotone(n_rows, dim, chunk_rows, k, workers, which,
         assert large[stage].peak_bytes >= small[stage].peak_bytes, stage
         assert large[stage].disk_bytes >= small[stage].disk_bytes, stage
         assert small[stage].peak_bytes > 0 and small[stage].disk_bytes >= 0
+
+
+def test_estimate_at_scale_follows_cores_and_strategy():
+    """Predict divides by every core; the sequential chain only by one worker's cores, so
+    with many workers the parallel strategy estimates a shorter fit; ingest (the client)
+    does not change with workers."""
+    from pipeline.config import TrainConfig
+    from pipeline.plan import estimate_at_scale
+
+    seq, par = TrainConfig(), TrainConfig(strategy="parallel")
+    one = estimate_at_scale(seq, 10**7, 1792, 600, 1, 8, 8192, 50.0)
+    many = estimate_at_scale(seq, 10**7, 1792, 600, 8, 8, 8192, 50.0)
+    assert many["predict"].seconds == pytest.approx(one["predict"].seconds / 8)
+    assert many["train"].seconds == pytest.approx(one["train"].seconds)
+    assert many["ingest"].seconds == one["ingest"].seconds
+    parallel = estimate_at_scale(par, 10**7, 1792, 600, 8, 8, 8192, 50.0)
+    assert parallel["train"].seconds < 0.5 * many["train"].seconds
+    flop = 2.0 * 10**7 * 600 * 1792
+    assert one["predict"].seconds == pytest.approx(1.8 * flop / (50e9 * 8))

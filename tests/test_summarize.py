@@ -82,6 +82,20 @@ def test_dominant_tags(tags, top, expected):
     assert summarize.dominant_tags(pd.Series(tags, dtype=object), top=top) == expected
 
 
+@pytest.mark.parametrize("top", [1, 3])
+def test_dominant_tags_by_cluster_equals_one_call_per_cluster(top):
+    """The grouped version (what the summary uses) against :func:`dominant_tags` called
+    once per cluster, on many clusters with ties and a cluster of one tag."""
+    rng = np.random.default_rng(4)
+    clusters = pd.Series(rng.integers(0, 50, 3000))
+    tags = pd.Series(rng.choice(["shoe", "bag", "hat", "a b", "z"], 3000), dtype=object)
+    expected = tags.groupby(clusters).agg(summarize.dominant_tags, top=top)
+    got = summarize.dominant_tags_by_cluster(clusters, tags, top=top)
+    pd.testing.assert_series_equal(got, expected, check_names=False, check_index_type=False)
+    pairs = summarize.dominant_tags_by_cluster(pd.Series([7, 7]), pd.Series(["hat", "bag"]), top)
+    assert pairs.to_dict() == {7: "bag 50%, hat 50%" if top == 3 else "bag 50%"}
+
+
 # ----------------------------------------------------------------------------- cluster summary
 
 

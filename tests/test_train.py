@@ -348,3 +348,62 @@ def test_ragged_last_block_smaller_than_k_visited_first(tmp_path):
 def test_batch_size_smaller_than_k(tmp_path):
     with pytest.raises(ConfigError, match=r"train.batch_size must be >= train.n_clusters \(50\)"):
         plan_training(EuclideanTrain(n_clusters=50, batch_size=32), 1000, 8, 500, 1)
+
+
+# ----------------------------------------------------------------------------- strategy
+
+
+def test_parallel_strategy_plans_a_seeded_sample_then_refinement():
+    seq = plan_training(EuclideanTrain(n_clusters=20, seed=3), 80_000, 8, 1000, 1)
+    par = plan_training(EuclideanTrain(n_clusters=20, seed=3, strategy="parallel"), 80_000, 8, 1000, 1)  # fmt: skip
+    assert par.n_blocks == seq.n_blocks == 80
+    # A quarter of the blocks, distinct, the same seeded draw as the sequential order's start.
+    assert len(par.block_orders[0]) == 20 == len(set(par.block_orders[0]))
+    assert par.block_orders[0] == seq.block_orders[0][:20]
+    assert (seq.refine_iterations, par.refine_iterations) == (0, 3)
+    chosen = EuclideanTrain(
+        n_clusters=20, strategy="parallel", sample_blocks=5, refine_iterations=1
+    )
+    p = plan_training(chosen, 80_000, 8, 1000, 1)
+    assert (len(p.block_orders[0]), p.refine_iterations) == (5, 1)
+    assert "strategy=parallel (chain on 5 sampled blocks)" in repr(p)
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "local-cluster"])
+def test_parallel_fit_within_one_percent_of_sequential(quality, scheduler, request):
+    """The chain on 2 of 6 blocks, then 3 Lloyd passes over all blocks as a map-reduce:
+    inertia within 1 % of the sequential chain's (and of full-batch KMeans's), every true
+    cluster recovered; on a LocalCluster of worker processes it gives the same centres."""
+    url, x, truth, best = quality
+    base = dict(n_clusters=Q_K, batch_size=256, epochs=1, seed=0)
+    _, seq = fit(EuclideanTrain(**base), url, x, Q_CHUNK)
+    cfg = EuclideanTrain(**base, strategy="parallel")
+    if scheduler == "local-cluster":
+        client = request.getfixturevalue("local_cluster_client")
+        plan = plan_training(cfg, len(x), x.shape[1], Q_CHUNK, blas_threads=1)
+        par = client.compute(fit_centroids(cfg, plan, url)).result()
+        _, local = fit(cfg, url, x, Q_CHUNK)
+        np.testing.assert_array_equal(par.centres, local.centres)
+    else:
+        plan, par = fit(cfg, url, x, Q_CHUNK, scheduler=scheduler)
+    assert len(plan.block_orders[0]) == 2 and plan.refine_iterations == 3
+    assert [h["step"] for h in par.history[-3:]] == ["refine 1", "refine 2", "refine 3"]
+    assert inertia(x, par.centres) <= 1.01 * inertia(x, seq.centres)
+    assert good_fit(x, truth, par.centres, best)
+
+
+def test_parallel_cosine_fit_within_one_percent_of_sequential(quality):
+    """The cosine metric: the sampled spherical chain, then spherical Lloyd passes; the
+    mean cosine of each row to its best centre within 1 % of the sequential fit's."""
+    url, x, truth, _ = quality
+    base = dict(metric="cosine", n_clusters=Q_K, batch_size=256, epochs=1, seed=0)
+    _, seq = fit(TrainConfig(**base), url, x, Q_CHUNK)
+    plan, par = fit(TrainConfig(**base, strategy="parallel"), url, x, Q_CHUNK, "threads")
+    assert plan.refine_iterations == 3 and par.history[-1]["step"] == "final"
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def mean_cos(centres):
+        return float((unit @ centres.T).max(axis=1).mean())
+
+    assert mean_cos(par.centres) >= 0.99 * mean_cos(seq.centres)
+    assert adjusted_rand_score(truth, (unit @ par.centres.T).argmax(1)) >= 0.99

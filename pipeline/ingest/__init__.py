@@ -39,7 +39,20 @@ from .embeddings import (
     open_memmap,
     recording_paths,
 )
-from .objects import read_objects_csv, rejects_frame, validate_rows
+from .objects import (
+    CSV_BLOCK_BYTES,
+    SELECTION_REASONS,
+    check_rows,
+    duplicate_detail,
+    first_of_each_key,
+    key_hashes,
+    read_objects_csv,
+    rejects_frame,
+    selection_codes,
+    selection_detail,
+    stream_objects_csv,
+    validate_rows,
+)
 
 __all__ = ["IngestResult", "ingest_objects", "ingest_stage", "read_objects_csv", "validate_rows"]
 
@@ -85,6 +98,131 @@ def _fail_with_no_objects(csv_path: str, rejects: pd.DataFrame, catalog: Catalog
     )
 
 
+class _ObjectsStaging:
+    """Validate the objects CSV batch by batch: the rows that pass the per-row checks go
+    to an Arrow file in the staging folder, their key hashes and selection codes stay in
+    memory (9 bytes a row), rejects are kept as they are found. :meth:`finish` then finds
+    the repeated objects across batches and returns the candidates as a frame over the
+    memory-mapped file, so the table never sits in private memory whole.
+    """
+
+    def __init__(self, path: str, select: SelectConfig, on_bad_bbox: str) -> None:
+        self.path, self.select, self.on_bad_bbox = path, select, on_bad_bbox
+        self.restart()
+
+    def restart(self) -> None:
+        self._close()
+        Path(self.path).unlink(missing_ok=True)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.writer: pa.ipc.RecordBatchFileWriter | None = None
+        self.n_rows = 0
+        self.rejects: list[pd.DataFrame] = []
+        self.hashes: list[np.ndarray] = []
+        self.codes: list[np.ndarray] = []
+
+    def _close(self) -> None:
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+            self.writer = None
+
+    def visit(self, raw: pd.DataFrame) -> None:
+        raw.index = pd.RangeIndex(self.n_rows, self.n_rows + len(raw))
+        self.n_rows += len(raw)
+        typed, reasons, details = check_rows(raw, self.on_bad_bbox)
+        typed.insert(0, schema.SOURCE_ROW, raw.index.to_numpy(dtype=np.int64))
+        bad = reasons.to_numpy() != ""
+        if bad.any():
+            self.rejects.append(
+                rejects_frame(typed[schema.SOURCE_ROW], raw, reasons.to_numpy(), details.to_numpy())
+            )
+        clean = typed[~bad] if bad.any() else typed
+        self.hashes.append(key_hashes(clean))
+        self.codes.append(selection_codes(clean, self.select))
+        table = pa.Table.from_pandas(clean, preserve_index=False)
+        if self.writer is None:
+            self.schema = table.schema
+            self.writer = pa.ipc.new_file(self.path, self.schema)
+        self.writer.write_table(table.cast(self.schema))
+        del table, typed, clean, raw
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed blocks
+
+    def finish(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The candidates (rows that pass every check, memory-mapped) and the rejects."""
+        self._close()
+        table = pa.ipc.open_file(pa.memory_map(self.path)).read_all()
+        frame = table.to_pandas()
+        del table
+        hashes = np.concatenate(self.hashes)
+        codes = np.concatenate(self.codes)
+        self.hashes, self.codes = [], []
+        # Repeated objects: rows whose key hash repeats, then compared exactly.
+        order = np.argsort(hashes, kind="stable")
+        sorted_hashes = hashes[order]
+        repeats = np.zeros(len(hashes), dtype=bool)
+        same = sorted_hashes[1:] == sorted_hashes[:-1]
+        repeats[order[1:][same]] = True
+        repeats[order[:-1][same]] = True
+        suspects = np.flatnonzero(repeats)  # increasing: file order
+        dup = np.zeros(len(hashes), dtype=bool)
+        details: list[str] = []
+        if len(suspects):
+            keys = frame.iloc[suspects][["username", "image_name", "idx"]].reset_index(drop=True)
+            first = suspects[first_of_each_key(keys)]
+            repeated = first != suspects
+            dup[suspects[repeated]] = True
+            source = frame[schema.SOURCE_ROW].to_numpy()
+            details = [
+                duplicate_detail(tuple(keys.iloc[i]), int(source[first[i]]))
+                for i in np.flatnonzero(repeated)
+            ]
+        reasons = np.where(
+            dup, "duplicate_object", np.asarray(SELECTION_REASONS, dtype=object)[codes]
+        )
+        detail = np.full(len(hashes), "", dtype=object)
+        detail[dup] = details
+        for code in (1, 2):
+            detail[~dup & (codes == code)] = selection_detail(code, self.select)
+        late = reasons != ""
+        if late.any():
+            picked = frame[late]
+            self.rejects.append(
+                rejects_frame(picked[schema.SOURCE_ROW], picked, reasons[late], detail[late])
+            )
+            frame = frame[~late]
+        rejects = (
+            pd.concat(self.rejects, ignore_index=True)
+            if self.rejects
+            else rejects_frame(frame[schema.SOURCE_ROW].iloc[:0], frame.iloc[:0],
+                               np.array([], dtype=object), np.array([], dtype=object))
+        )  # fmt: skip
+        self.rejects = []
+        rejects = rejects.sort_values(schema.SOURCE_ROW, kind="stable", ignore_index=True)
+        return frame.reset_index(drop=True), rejects
+
+
+def read_and_validate(
+    csv_path: str,
+    select: SelectConfig,
+    on_bad_bbox: str,
+    staging_path: str,
+    block_bytes: int = CSV_BLOCK_BYTES,
+) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Stream the objects CSV through the checks in record batches.
+
+    Returns the candidates (every check passed; a frame over the memory-mapped staging
+    file ``staging_path``, which must outlive it), the rejects sorted by ``source_row``,
+    and the number of data rows.
+    """
+    staging = _ObjectsStaging(staging_path, select, on_bad_bbox)
+    try:
+        n_input_rows = stream_objects_csv(csv_path, staging.visit, staging.restart, block_bytes)
+    except BaseException:
+        staging.restart()  # closes and removes the partial file
+        raise
+    candidates, rejects = staging.finish()
+    return candidates, rejects, n_input_rows
+
+
 def ingest_objects(
     input: InputConfig,
     select: SelectConfig,
@@ -101,17 +239,33 @@ def ingest_objects(
        bytes of local disk until the Zarr mirror is written.
     """
     memmap_path = catalog.memmap(run_id)
+    objects_path = catalog.objects_staging(run_id)
+    try:
+        return _ingest(
+            input, select, settings, shuffle_seed, catalog, metadata, progress,
+            memmap_path, objects_path,
+        )  # fmt: skip
+    finally:
+        Path(objects_path).unlink(missing_ok=True)
+
+
+def _ingest(
+    input: InputConfig,
+    select: SelectConfig,
+    settings: IngestConfig,
+    shuffle_seed: int,
+    catalog: Catalog,
+    metadata: dict | None,
+    progress: bool,
+    memmap_path: str,
+    objects_path: str,
+) -> IngestResult:
     csv_path = input.objects_csv
-    raw = read_objects_csv(csv_path)
-    n_input_rows = len(raw)
-    typed, reasons, details = validate_rows(raw, select, settings.on_bad_bbox)
-    typed.insert(0, schema.SOURCE_ROW, np.arange(len(typed), dtype=np.int64))
-    rejects = rejects_frame(typed[schema.SOURCE_ROW], raw, reasons.to_numpy(), details.to_numpy())
+    candidates, rejects, n_input_rows = read_and_validate(
+        csv_path, select, settings.on_bad_bbox, objects_path
+    )
     _raise_on_bad_object(settings, csv_path, rejects)
-    clean = reasons.to_numpy() == ""
-    candidates = typed if clean.all() else typed[clean]  # no copy of a clean table
     candidates.insert(0, schema.OBJECT_ID, np.arange(len(candidates), dtype=np.int64))
-    del raw, typed, reasons, details, clean  # the table is held once from here on
     if len(candidates) == 0:
         _fail_with_no_objects(csv_path, rejects, catalog)
 

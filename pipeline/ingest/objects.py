@@ -7,6 +7,7 @@ takes a table and returns reasons, so the checks are testable without files.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +70,9 @@ def _parse_problem(path: Path, exc: pa.ArrowException) -> str:
     return f"cannot be parsed: {clip(first, 200)}"
 
 
-def read_objects_csv(path: str) -> pd.DataFrame:
-    """Read the objects CSV with every column as text (values are checked afterwards).
-
-    Raises a one-line :class:`InputError` for an empty, unparsable or incomplete file.
-    """
+def _checked_header(path: str) -> list[str]:
+    """The CSV's header, after the checks that need no parse: the file exists, is not
+    empty, has a data row, the required columns and no duplicate or reserved names."""
     p = Path(path)
     if not p.is_file():
         raise MissingInputError(f"Objects CSV {path} does not exist. Set input.objects_csv.")
@@ -103,38 +102,127 @@ def read_objects_csv(path: str) -> pd.DataFrame:
             f"Objects CSV {path} has column(s) {reserved}, which the pipeline adds to its "
             "outputs. Rename or drop them."
         )
+    return header
+
+
+#: Bytes of CSV per record batch of the streamed read: validation holds one batch and its
+#: temporaries at a time, so its memory follows this, not the file's size.
+CSV_BLOCK_BYTES = 8 << 20
+
+
+def _line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
+    """The file in blocks of about ``block_bytes`` that end at a line break (only valid
+    where no value holds a line break: the fast parse's assumption)."""
+    with path.open("rb") as handle:
+        rest = b""
+        while True:
+            data = handle.read(block_bytes)
+            if not data:
+                if rest:
+                    yield rest
+                return
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than a block: keep reading
+                rest = data
+                continue
+            rest = data[cut:]
+            yield data[:cut]
+
+
+def _record_batches(
+    path: Path, header: list[str], fast: bool, block_bytes: int = CSV_BLOCK_BYTES
+) -> Iterator[pa.Table]:
     convert = pacsv.ConvertOptions(
         column_types={c: pa.string() for c in header},
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
     )
-    try:  # the fast, parallel parse: fields without line breaks, each under a block
-        table = pacsv.read_csv(
-            p, parse_options=pacsv.ParseOptions(newlines_in_values=False), convert_options=convert
-        )
-    except pa.ArrowException:
+    if not fast:
         # Legal CSV the fast parse refuses: quoted line breaks, or a field larger than a
-        # parse block. Read again with both allowed (one block: single-threaded, so only
-        # files that need it pay); what still fails is a malformed file.
-        try:
-            table = pacsv.read_csv(
-                p,
-                read_options=pacsv.ReadOptions(
-                    block_size=max(1 << 20, min(p.stat().st_size + 1, (1 << 31) - 1))
-                ),
-                parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                convert_options=convert,
-            )
-        except pa.ArrowException as exc:
-            raise InputError(f"Objects CSV {path} {_parse_problem(p, exc)}") from None
-    if table.column_names != header:
+        # parse block. Read again with both allowed (one block: single-threaded and held
+        # whole, so only files that need it pay); what still fails is a malformed file.
+        read = pacsv.ReadOptions(
+            block_size=max(1 << 20, min(path.stat().st_size + 1, (1 << 31) - 1))
+        )
+        table = pacsv.read_csv(
+            path,
+            read_options=read,
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=convert,
+        )
+        _check_parsed_header(path, table.column_names, header)
+        yield table
+        return
+    # Fields without line breaks: the file is cut at line breaks into blocks, each parsed
+    # on its own (in parallel inside the block). Blocks are read one at a time, so memory
+    # holds one block, where pyarrow's streaming reader reads ahead without bound.
+    parse = pacsv.ParseOptions(newlines_in_values=False)
+    names: list[str] | None = None
+    for block in _line_blocks(path, block_bytes):
+        read = pacsv.ReadOptions(
+            block_size=len(block) + 1, **({"column_names": names} if names else {})
+        )
+        table = pacsv.read_csv(
+            pa.BufferReader(block), read_options=read, parse_options=parse,
+            convert_options=convert,
+        )  # fmt: skip
+        if names is None:
+            _check_parsed_header(path, table.column_names, header)
+            names = header
+        yield table
+
+
+def _check_parsed_header(path: Path, parsed: list[str], header: list[str]) -> None:
+    if parsed != header:
         raise InputError(
             f"Objects CSV {path}: the header cannot be read consistently "
-            f"(found {[clip(c) for c in table.column_names[:20]]}). Check its quoting."
+            f"(found {[clip(c) for c in parsed[:20]]}). Check its quoting."
         )
-    if table.num_rows == 0:
+
+
+def stream_objects_csv(
+    path: str,
+    visit: Callable[[pd.DataFrame], None],
+    restart: Callable[[], None],
+    block_bytes: int = CSV_BLOCK_BYTES,
+) -> int:
+    """Read the objects CSV in record batches, every column as text, calling ``visit`` on
+    each batch (a frame of consecutive data rows, in file order); returns the row count.
+
+    A file the fast streamed parse refuses is read again the slow way: ``restart`` is
+    called first, so the caller drops what it kept from the first attempt. Raises a
+    one-line :class:`InputError` for an empty, unparsable or incomplete file.
+    """
+    header = _checked_header(path)
+    p = Path(path)
+    for fast in (True, False):
+        n_rows = 0
+        try:
+            for batch in _record_batches(p, header, fast, block_bytes):
+                if batch.num_rows:
+                    visit(batch.to_pandas())
+                    n_rows += batch.num_rows
+        except pa.ArrowException as exc:
+            if fast:
+                restart()
+                continue
+            raise InputError(f"Objects CSV {path} {_parse_problem(p, exc)}") from None
+        break
+    if n_rows == 0:
         raise InputError(f"Objects CSV {path} has a header but no rows.")
-    return table.to_pandas()
+    return n_rows
+
+
+def read_objects_csv(path: str) -> pd.DataFrame:
+    """Read the whole objects CSV with every column as text (values are checked
+    afterwards); the ingest streams it instead (:func:`stream_objects_csv`).
+
+    Raises a one-line :class:`InputError` for an empty, unparsable or incomplete file.
+    """
+    parts: list[pd.DataFrame] = []
+    stream_objects_csv(path, parts.append, parts.clear)
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
 def _is_bbox(text: str) -> bool:
@@ -195,14 +283,14 @@ def first_of_each_key(frame: pd.DataFrame) -> np.ndarray:
     return first[codes]
 
 
-def validate_rows(
-    raw: pd.DataFrame, select: SelectConfig, on_bad_bbox: str = "reject"
+def check_rows(
+    raw: pd.DataFrame, on_bad_bbox: str = "reject"
 ) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
-    """Type the columns and give each row a reject reason (empty string = fine).
+    """The checks of each row on its own: type the columns and give each row a reject
+    reason (empty string = fine) and a one-line detail naming its bad value.
 
-    Returns the typed frame (``score`` float, ``idx`` int, extra columns as text), the
-    reasons, and a one-line detail per rejected row naming its bad value, all aligned
-    with ``raw``.
+    Returns the typed frame (``score`` float, ``idx`` int, ``bbox_ok``, extra columns as
+    text), the reasons and the details, all aligned with ``raw``.
     """
     reason = pd.Series("", index=raw.index, dtype=object)
     detail = pd.Series("", index=raw.index, dtype=object)
@@ -228,29 +316,76 @@ def validate_rows(
     bbox_ok = valid_bboxes(raw["bbox"])
     if on_bad_bbox == "reject":  # else kept: clustering never uses the box; flagged
         explain(mark(~bbox_ok, "bad_bbox"), "bbox", _BBOX_RULE)
-
     # Copy-on-write: the new frame shares every unchanged column with ``raw``.
     typed = raw.assign(
         score=score, idx=np.where(idx_ok, idx_vals, -1).astype("int64"), bbox_ok=bbox_ok
     )
+    return typed, reason, detail
+
+
+#: Codes of :func:`selection_codes`, and each one's reject reason (code 0: selected).
+SELECTION_REASONS = ("", "not_selected:tag", "not_selected:score")
+
+
+def selection_codes(typed: pd.DataFrame, select: SelectConfig) -> np.ndarray:
+    """Per row, 0 when ``select.*`` keeps it, else the index of its reason in
+    :data:`SELECTION_REASONS` (the tag test first)."""
+    unselected_tag = typed["tag"].isin(select.exclude_tags).to_numpy()
+    if select.tags is not None:
+        unselected_tag = unselected_tag | ~typed["tag"].isin(select.tags).to_numpy()
+    low_score = (typed["score"] < select.min_score).to_numpy()
+    return np.where(unselected_tag, 1, np.where(low_score, 2, 0)).astype(np.int8)
+
+
+def selection_detail(code: int, select: SelectConfig) -> str:
+    """The one-line detail of a selection reject."""
+    if code == 1:
+        return "tag not in select.tags or in select.exclude_tags"
+    return f"score below select.min_score ({select.min_score})"
+
+
+def duplicate_detail(key: tuple, first_row: int) -> str:
+    username, image_name, idx = key
+    return (
+        f"(username, image_name, idx) = {(username, image_name, int(idx))!r} repeats data "
+        f"row {first_row}; each object must appear once."
+    )
+
+
+def validate_rows(
+    raw: pd.DataFrame, select: SelectConfig, on_bad_bbox: str = "reject"
+) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
+    """Type the columns and give each row a reject reason (empty string = fine), for a
+    whole table at once: :func:`check_rows`, then repeated objects among the rows that
+    pass them, then :func:`selection_codes`.
+
+    Returns the typed frame (``score`` float, ``idx`` int, extra columns as text), the
+    reasons, and a one-line detail per rejected row naming its bad value, all aligned
+    with ``raw``.
+    """
+    typed, reason, detail = check_rows(raw, on_bad_bbox)
     clean = typed[reason == ""]
     first_row = pd.Series(clean.index.to_numpy()[first_of_each_key(clean)], index=clean.index)
-    dup = mark((first_row != clean.index).reindex(raw.index, fill_value=False), "duplicate_object")
+    dup = ((first_row != clean.index).reindex(raw.index, fill_value=False)) & (reason == "")
+    reason[dup] = "duplicate_object"
     detail[dup] = [
-        f"(username, image_name, idx) = {(u, i, int(x))!r} repeats data row {first_row[r]}; "
-        "each object must appear once."
+        duplicate_detail((u, i, x), first_row[r])
         for r, u, i, x in typed.loc[dup, _OBJECT_KEY].itertuples()
     ]
-
-    sel = select
-    unselected_tag = typed["tag"].isin(sel.exclude_tags)
-    if sel.tags is not None:
-        unselected_tag |= ~typed["tag"].isin(sel.tags)
-    new = mark(unselected_tag, "not_selected:tag")
-    detail[new] = "tag not in select.tags or in select.exclude_tags"
-    new = mark(typed["score"] < sel.min_score, "not_selected:score")
-    detail[new] = f"score below select.min_score ({sel.min_score})"
+    codes = selection_codes(typed, select)
+    new = (reason == "") & (codes == 1)
+    reason[new] = "not_selected:tag"  # SELECTION_REASONS[1]
+    detail[new] = selection_detail(1, select)
+    new = (reason == "") & (codes == 2)
+    reason[new] = "not_selected:score"  # SELECTION_REASONS[2]
+    detail[new] = selection_detail(2, select)
     return typed, reason, detail
+
+
+def key_hashes(frame: pd.DataFrame) -> np.ndarray:
+    """A 64-bit hash of each row's (username, image_name, idx): equal keys, equal hashes
+    (rows with equal hashes are then compared exactly)."""
+    return pd.util.hash_pandas_object(frame[_OBJECT_KEY], index=False).to_numpy()
 
 
 def rejects_frame(
