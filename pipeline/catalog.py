@@ -23,6 +23,8 @@ from . import sinks, store
 from .config import Config, OutputConfig
 from .errors import ConfigError, StageOrderError
 
+#: The ``n_clusters: auto`` sweep's curve, saved in the model folder.
+K_SWEEP_TABLE = "k_sweep.parquet"
 #: Reviewer's groups outputs (see :mod:`pipeline.groups`).
 GROUPS_CSV_NAME = "ins_posts_groups.csv"
 GROUPS_PARQUET_NAME = "ins_posts_groups.parquet"

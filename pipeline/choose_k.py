@@ -35,6 +35,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from . import kernels, schema, sinks, store
+from .catalog import K_SWEEP_TABLE
 from .config import PostprocessConfig, TrainConfig
 from .plan import effective_chunk_rows
 from .postprocess import label_rows
@@ -46,7 +47,7 @@ CANDIDATE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 #: The rule, as recorded in ``model.json``.
 RULE = "max over candidates of: estimated rows kept - postprocess.min_cluster_size x k"
 #: The curve's file in the model folder.
-TABLE_NAME = "k_sweep.parquet"
+TABLE_NAME = K_SWEEP_TABLE
 #: Rows of the sweep's sample (at most): enough for clusters of ~10 rows at the demo scale.
 SAMPLE_ROWS = 65_536
 #: Lloyd iterations of each quick fit.

@@ -295,6 +295,17 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *rows])
 
 
+def k_sweep_markdown(table: pd.DataFrame) -> str:
+    """The ``n_clusters: auto`` curve as a markdown section."""
+    chosen = int(table.loc[table["chosen"].astype(bool), "k"].iloc[0])
+    columns = ["k", "rows_kept_est", "kept_clusters_est", "small_clusters", "score"]
+    return (
+        f"## Choosing k (n_clusters: auto): k = {chosen}\n\nHighest score = estimated rows "
+        f"kept - min_cluster_size x k, from quick fits on the store's sample.\n\n"
+        + markdown_table(table[columns])
+    )
+
+
 def summary_markdown(
     summary: pd.DataFrame, funnel_table: pd.DataFrame, top_n: int = 10, extra: str = ""
 ) -> str:

@@ -84,3 +84,19 @@ def test_full_dim_similarity_is_the_cosine_to_the_normalised_member_mean():
 def test_choose_prefers_the_smaller_k_on_a_tie():
     table = pd.DataFrame({"k": [10, 20], "rows_kept_est": [100, 200]})
     assert choose_k.choose(table, 10) == 10
+
+
+def test_the_curve_is_in_the_summary_and_the_report(small_dataset, tmp_path):
+    cfg = config_for(small_dataset, tmp_path / "auto", train={"n_clusters": "auto"})
+    result = run(cfg)
+    curve = result.catalog.read_model_table(choose_k.TABLE_NAME)
+    chosen = int(curve.loc[curve["chosen"], "k"].iloc[0])
+    summary = (tmp_path / "auto" / "summary.md").read_text()
+    assert f"## Choosing k (n_clusters: auto): k = {chosen}" in summary
+    for k, kept in zip(curve["k"], curve["rows_kept_est"], strict=True):
+        assert f"| {k} | {kept} |" in summary
+    index = (tmp_path / "auto" / "report" / "index.html").read_text()
+    table = index[index.index('id="k-sweep"') :]
+    table = table[: table.index("</table>")]
+    assert table.count("<tr") == len(curve) + 1  # header + one row per candidate
+    assert table.count(">chosen<") == 1

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema, sinks, store, summarize
-from ..catalog import Catalog
+from ..catalog import K_SWEEP_TABLE, Catalog
 from ..config import InputConfig, PostprocessConfig, ReportConfig
 from ..context import StageContext
 from ..errors import PipelineError
@@ -237,8 +237,9 @@ def write_report(
         shutil.copyfile(static / "report.css", folder / "report.css")
         shutil.copyfile(static / "report.js", folder / "report.js")
         index_html = render.render_index(
-            site, summary, funnel_table, sim_counts, xy, catalogue, groups, pp, report.top_n
-        )
+            site, summary, funnel_table, sim_counts, xy, catalogue, groups, pp, report.top_n,
+            k_sweep_table(catalog),
+        )  # fmt: skip
         (folder / "index.html").write_text(index_html, encoding="utf-8")
         (folder / "gallery.html").write_text(
             render.render_gallery(site, summary, catalogue, GALLERY_CROPS), encoding="utf-8"
@@ -322,6 +323,14 @@ def write_report(
     return ReportResult(catalog.report_index, len(ids), stats, seconds, n_pages + 2, n_bytes)
 
 
+def k_sweep_table(catalog: Catalog) -> pd.DataFrame | None:
+    """The ``n_clusters: auto`` curve saved with the model, for display (``None``: fixed k)."""
+    table = catalog.read_model_table(K_SWEEP_TABLE)
+    if table is None:
+        return None
+    return table.assign(chosen_mark=np.where(table["chosen"], "chosen", ""))
+
+
 def report_stage(
     context: StageContext,
     report: ReportConfig,
@@ -332,7 +341,9 @@ def report_stage(
     catalog = context.catalog
     summary = sinks.read_parquet(catalog.cluster_summary)
     funnel_table = sinks.read_parquet(catalog.funnel)
-    text = summarize.summary_markdown(summary, funnel_table, report.top_n)
+    sweep = k_sweep_table(catalog)
+    extra = "" if sweep is None else summarize.k_sweep_markdown(sweep)
+    text = summarize.summary_markdown(summary, funnel_table, report.top_n, extra)
     sinks.write_text(text, catalog.summary_markdown)
     if context.verbose:
         print(text)

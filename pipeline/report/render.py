@@ -136,6 +136,16 @@ def _table(frame: pd.DataFrame, headers: dict[str, str], table_id: str, links=()
     return Markup(render("_table.html", table_id=table_id, columns=columns, rows=rows))
 
 
+K_SWEEP_HEADERS = {
+    "k": "k",
+    "rows_kept_est": "Est. rows kept",
+    "kept_clusters_est": "Est. kept clusters",
+    "small_clusters": "Clusters of <= 2",
+    "mean_sim": "Mean cosine",
+    "score": "Score",
+    "chosen_mark": "Chosen",
+}
+
 TOP_TAIL_HEADERS = {
     "top_cluster": "Top clusters",
     "top_size": "Num samples",
@@ -176,9 +186,10 @@ def render_index(
     groups: dict,
     postprocess: PostprocessConfig,
     top_n: int,
+    k_sweep: pd.DataFrame | None = None,
 ) -> str:
     """The overview: the cluster index with pick boxes and crop strips, the map, groups,
-    funnel, top/tail tables and distributions."""
+    funnel, top/tail tables, distributions and (``n_clusters: auto``) the k sweep."""
     group_of = groups.get("group_of", {})
     ordered = summary.sort_values(["size", "cluster"], ascending=[False, True])
     index = []
@@ -256,6 +267,7 @@ def render_index(
         funnel=funnel,
         top_n=top_n,
         size_tables=size_tables,
+        k_sweep=None if k_sweep is None else _table(k_sweep, K_SWEEP_HEADERS, "k-sweep"),
         size_chart=views.size_chart(summary),
         sim_chart=views.similarity_chart(
             sim_counts, pp.min_similarity, "Cosine similarity to the cluster centre"
