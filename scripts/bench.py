@@ -130,18 +130,11 @@ def worker_writeup(data: Path, out: Path, args, passes: int = 1) -> None:
     _save(out, {"fit": fit, "predict": predict}, model.cluster_centers_, labels, sims)
 
 
-def worker_ours(
-    data: Path, out: Path, args, metric: str | None = None, strategy: str | None = None
-) -> None:
-    from pipeline import sinks
+def _ours_config(data: Path, out: Path, train: dict):
+    """Our pipeline's config for a bench dataset (default settings, ``train`` overrides)."""
     from pipeline.config import Config
-    from pipeline.runner import run
 
-    train = {"n_clusters": args.k, "seed": args.seed, **({"metric": metric} if metric else {})}
-    strategy = strategy or getattr(args, "strategy", None)
-    if strategy:
-        train["strategy"] = strategy
-    cfg = Config.model_validate(
+    return Config.model_validate(
         {
             "input": {"objects_csv": str(data / "ins_posts_object_tags_cleaned.csv"),
                       "embeddings_root": str(data / "ins_posts"), "images_root": None},
@@ -150,6 +143,19 @@ def worker_ours(
             "executor": {"progress": False},
         }
     )  # fmt: skip
+
+
+def worker_ours(
+    data: Path, out: Path, args, metric: str | None = None, strategy: str | None = None
+) -> None:
+    from pipeline import sinks
+    from pipeline.runner import run
+
+    train = {"n_clusters": args.k, "seed": args.seed, **({"metric": metric} if metric else {})}
+    strategy = strategy or getattr(args, "strategy", None)
+    if strategy:
+        train["strategy"] = strategy
+    cfg = _ours_config(data, out, train)
     result = run(cfg, force=True)
     timings = {("fit" if k == "train" else k): v for k, v in result.timings.items()}
     table = sinks.read_parquet(result.catalog.assignments, columns=["source_row", "cluster", "sim"])
@@ -169,22 +175,13 @@ def worker_ours_stages(data: Path, out: Path, args) -> None:
     a measure of its parallelism that other load on a shared machine does not hide."""
     import resource
 
-    from pipeline.config import Config
     from pipeline.runner import run
     from pipeline.stages import STAGE_NAMES
 
     train = {"n_clusters": args.k, "seed": args.seed}
     if args.strategy:
         train["strategy"] = args.strategy
-    cfg = Config.model_validate(
-        {
-            "input": {"objects_csv": str(data / "ins_posts_object_tags_cleaned.csv"),
-                      "embeddings_root": str(data / "ins_posts"), "images_root": None},
-            "train": train,
-            "output": {"dir": str(out / "run")},
-            "executor": {"progress": False},
-        }
-    )  # fmt: skip
+    cfg = _ours_config(data, out, train)
     timings = {}
     for stage in STAGE_NAMES:
         before = resource.getrusage(resource.RUSAGE_SELF)
