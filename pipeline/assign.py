@@ -37,7 +37,7 @@ from . import kernels, postprocess, schema, sinks, store
 from .catalog import Catalog, model_fingerprint_of, read_model_centres, read_model_ids, run_metadata
 from .config import Config
 from .errors import ConfigError, InputError, MissingInputError, OutputError
-from .ingest import _raise_on_bad_object
+from .ingest import raise_on_bad_object
 from .ingest.embeddings import (
     FILES_PER_TASK,
     FileGroups,
@@ -235,7 +235,7 @@ def assign_objects(
     typed, reasons, details = validate_rows(raw, cfg.select, settings.on_bad_bbox)
     typed.insert(0, schema.SOURCE_ROW, np.arange(len(typed), dtype=np.int64))
     rejects = rejects_frame(typed[schema.SOURCE_ROW], raw, reasons.to_numpy(), details.to_numpy())
-    _raise_on_bad_object(settings, csv_path, rejects)
+    raise_on_bad_object(settings, csv_path, rejects)
     clean = reasons.to_numpy() == ""
     candidates = typed[clean].copy()
     candidates.insert(0, schema.OBJECT_ID, np.arange(len(candidates), dtype=np.int64))
@@ -269,7 +269,7 @@ def assign_objects(
         late = rejects_frame(candidates[schema.SOURCE_ROW], candidates, emb_reasons, emb_details)
         rejects = pd.concat([rejects, late], ignore_index=True)
         rejects = rejects.sort_values(schema.SOURCE_ROW, kind="stable", ignore_index=True)
-        _raise_on_bad_object(settings, csv_path, rejects)
+        raise_on_bad_object(settings, csv_path, rejects)
         good = np.flatnonzero(emb_reasons == "")
         # Every row, in blocks straight from the memmap (a rejected row is zeros): never
         # all vectors in memory; the rejected rows' records are dropped below.

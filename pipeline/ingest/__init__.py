@@ -74,7 +74,7 @@ class IngestResult:
         return sum(self.rejected.values())
 
 
-def _raise_on_bad_object(settings: IngestConfig, csv_path: str, rejects: pd.DataFrame) -> None:
+def raise_on_bad_object(settings: IngestConfig, csv_path: str, rejects: pd.DataFrame) -> None:
     """With ``ingest.on_bad_object: fail``, turn the first bad row into a one-line error."""
     bad = rejects[rejects["reason"].map(schema.reject_kind) != "selection"]
     if settings.on_bad_object == "fail" and len(bad):
@@ -264,7 +264,7 @@ def _ingest(
     candidates, rejects, n_input_rows = read_and_validate(
         csv_path, select, settings.on_bad_bbox, objects_path
     )
-    _raise_on_bad_object(settings, csv_path, rejects)
+    raise_on_bad_object(settings, csv_path, rejects)
     candidates.insert(0, schema.OBJECT_ID, np.arange(len(candidates), dtype=np.int64))
     if len(candidates) == 0:
         _fail_with_no_objects(csv_path, rejects, catalog)
@@ -306,7 +306,7 @@ def _ingest(
     late = rejects_frame(candidates[schema.SOURCE_ROW], candidates, emb_reasons, emb_details)
     rejects = pd.concat([rejects, late], ignore_index=True)
     rejects = rejects.sort_values(schema.SOURCE_ROW, kind="stable", ignore_index=True)
-    _raise_on_bad_object(settings, csv_path, rejects)
+    raise_on_bad_object(settings, csv_path, rejects)
     good = emb_reasons == ""
     objects = candidates if good.all() else candidates[good]
     del candidates
