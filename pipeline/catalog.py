@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,7 +201,10 @@ class Catalog:
     def entry_files(self, name: str) -> dict[str, int] | None:
         """The files under the top-level entry ``name`` with their sizes (``{"": size}``
         for a file); ``None`` if it does not exist."""
-        fs, path = store.filesystem(store.join(self.root, name))
+        url = store.join(self.root, name)
+        if store.is_local(url):
+            return _local_files(store.filesystem(url)[1])
+        fs, path = store.filesystem(url)
         if not fs.exists(path):
             return None
         if not fs.isdir(path):
@@ -344,6 +349,28 @@ def read_model_ids(model: str) -> np.ndarray:
         with fs.open(f"{path}/cluster_ids.npy", "rb") as handle:
             return np.load(handle).astype(np.int64)
     return np.arange(len(read_model_centres(model)), dtype=np.int64)
+
+
+def _local_files(path: str) -> dict[str, int] | None:
+    """:meth:`Catalog.entry_files` of a local path: one ``scandir`` per folder (a report
+    folder holds thousands of files; fsspec's ``find`` stats each one several times)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return {"": st.st_size}
+    files: dict[str, int] = {}
+    folders = [("", path)]
+    while folders:
+        prefix, folder = folders.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append((f"{prefix}{entry.name}/", entry.path))
+                else:
+                    files[prefix + entry.name] = entry.stat(follow_symlinks=False).st_size
+    return files
 
 
 def run_metadata(cfg: Config, extra: dict | None = None) -> dict[str, Any]:
