@@ -1,6 +1,7 @@
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -85,7 +86,15 @@ def test_no_dedupe_key_keeps_same_image_rows():
     assert out.set_index("object_id").loc[0, "status"] == K
 
 
-def test_parallel_postprocessing_equals_single_partition():
+@pytest.mark.parametrize(
+    "dedupe_key, min_similarity, min_cluster_size",
+    [("image_name", 0.7, 10), (None, 0.6, 4), ("image_name", 0.8, 15)],
+)
+def test_parallel_postprocessing_equals_single_partition(
+    dedupe_key, min_similarity, min_cluster_size
+):
+    # Non-default settings too: a stage that dropped a setting and fell back to
+    # label_rows' defaults would pass with the defaults alone (a mutant that did survived).
     rng = np.random.default_rng(0)
     n = 3000
     t = pd.DataFrame(
@@ -98,8 +107,14 @@ def test_parallel_postprocessing_equals_single_partition():
             "tag": "x",
         }
     )
-    cfg = PostprocessConfig()
-    expected = label_rows(t, "image_name", 0.7, 10).set_index("object_id")["status"]
+    cfg = PostprocessConfig(
+        dedupe_key=dedupe_key, min_similarity=min_similarity, min_cluster_size=min_cluster_size
+    )
+    expected = label_rows(t, dedupe_key, min_similarity, min_cluster_size)
+    expected = expected.set_index("object_id")["status"]
+    default = label_rows(t).set_index("object_id")["status"]
+    if cfg != PostprocessConfig():  # the settings matter on this table
+        assert not expected.sort_index().equals(default.sort_index())
     ddf = dd.from_pandas(t, npartitions=7)
     got = apply_postprocessing(cfg, ddf).compute().set_index("object_id")["status"]
     pd.testing.assert_series_equal(got.sort_index(), expected.sort_index(), check_dtype=False)
