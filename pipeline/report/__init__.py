@@ -254,7 +254,6 @@ def write_report(
         group_of = groups.get("group_of", {})
         n_pages = 0
         summary_records = summary.to_dict("records")
-        position = {int(r["cluster"]): i for i, r in enumerate(summary_records)}
         for i, rec in enumerate(summary_records):
             c = int(rec["cluster"])
             state = states[c]
@@ -311,7 +310,6 @@ def write_report(
             )  # fmt: skip
             (pages / f"{c}.html").write_text(text, encoding="utf-8")
             n_pages += 1
-        del position
         n_files, n_bytes = _folder_bytes(folder)
     seconds = time.perf_counter() - start
     log.info(
