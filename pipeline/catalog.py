@@ -138,6 +138,10 @@ class Catalog:
         """The ingest's staging memmap of run ``run_id`` (private to the run)."""
         return store.join(self.staging, f"embeddings-{run_id}.f32")
 
+    def staging_parts(self, run_id: str) -> str:
+        """The folder of the workers' staging parts of run ``run_id`` (ingest on workers)."""
+        return store.join(self.staging, f"parts-{run_id}")
+
     def objects_staging(self, run_id: str) -> str:
         """The ingest's validated objects of run ``run_id`` (an Arrow file read
         memory-mapped, so the table is not held in the process's private memory)."""

@@ -64,6 +64,9 @@ class IngestConfig(_Section):
     keep_memmap: bool = False
     shuffle_seed: int | None = None
     fingerprint: Literal["stat", "content"] = "stat"
+    #: Read the embedding files and write the store chunks on the dask workers (a
+    #: distributed scheduler only): ``auto`` does so whenever the executor has workers.
+    on_workers: bool | Literal["auto"] = "auto"
 
 
 class TrainConfig(_Section):

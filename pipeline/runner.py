@@ -413,6 +413,7 @@ def _run_locked(cfg: Config, plan: RunPlan, force: bool, verbose: bool) -> RunRe
         # Staging files of this output folder left by killed runs (we hold its lock).
         store.remove_stale_temporaries(catalog.staging, ("embeddings",), suffix=".f32")
         store.remove_stale_temporaries(catalog.staging, ("objects",), suffix=".arrow")
+        store.remove_stale_temporaries(catalog.staging, ("parts",))
     store.remove_stale_temporaries(catalog.root, catalog.owned_names())
     store.remove_stale_temporaries(catalog.markers, tuple(f"{name}.json" for name in STAGE_NAMES))
     metadata = run_metadata(cfg)

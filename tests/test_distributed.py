@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from distributed import Client
 
-from pipeline.errors import SchedulerError
+from pipeline.errors import ConfigError, SchedulerError
 from pipeline.runner import run
 from pipeline.synthetic import make_demo_dataset
 from tests.conftest import config_for
@@ -247,3 +248,114 @@ def test_a_cluster_that_stops_making_progress_is_one_line(dataset, cluster, tmp_
     finally:
         for worker in cluster.workers:
             os.kill(worker.pid, signal.SIGCONT)
+
+
+# --------------------------------------------------------------------------- ingest on workers
+
+
+@pytest.fixture(scope="module", params=["per_image", "matrix"])
+def damaged(request, tmp_path_factory):
+    """3,000 objects x 16 dims with bad vectors: a NaN row and an all-zero row, and for
+    per-image files also a missing, a truncated and a wrong-width file."""
+    layout = request.param
+    ds = make_demo_dataset(tmp_path_factory.mktemp(f"damaged-{layout}"), n_objects=3000, dim=16,
+                           n_true_clusters=20, seed=5, layout=layout)  # fmt: skip
+    if layout == "matrix":
+        matrix = np.load(ds.embeddings_matrix)
+        matrix[7, 3], matrix[1500] = np.nan, 0.0
+        np.save(ds.embeddings_matrix, matrix)
+        return ds
+    files = sorted(glob.glob(str(ds.embeddings_root / "**" / "*.npy"), recursive=True))
+    vectors = np.load(files[3])
+    vectors[0, 2] = np.nan
+    vectors[-1] = 0.0
+    np.save(files[3], vectors)
+    os.remove(files[10])
+    Path(files[20]).write_bytes(Path(files[20]).read_bytes()[:60])
+    np.save(files[30], np.ones((4, 9), np.float32))
+    return ds
+
+
+def ingest_cfg(dataset, out, **executor):
+    return config_for(
+        dataset, out, ingest={"chunk_rows": 128}, executor={"progress": False, **executor}
+    )
+
+
+@pytest.fixture(scope="module")
+def local_ingest(damaged, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local-ingest") / "out"
+    run(ingest_cfg(damaged, out), ("ingest",))
+    return out
+
+
+def ingest_bytes(out: Path) -> dict[str, str]:
+    """Digests of what the ingest wrote: the store's arrays (chunks and metadata), the
+    objects parts, the rejects and the embedding files read. (The store group's attributes
+    hold the run's config, which names its scheduler.)"""
+    paths = [
+        *glob.glob(str(out / "embeddings.zarr" / "*" / "**"), recursive=True),
+        *glob.glob(str(out / "objects.parquet" / "*")),
+        str(out / "rejects.parquet"),
+        str(out / "embedding_files.parquet"),
+    ]
+    return {os.path.relpath(p, out): digest(p) for p in sorted(paths) if os.path.isfile(p)}
+
+
+def task_prefixes(address: str) -> set[str]:
+    with Client(address, timeout="10s") as client:
+        return client.run_on_scheduler(lambda dask_scheduler: set(dask_scheduler.task_prefixes))
+
+
+def test_ingest_on_hand_started_workers_equals_local(damaged, local_ingest, cluster, tmp_path):
+    out = tmp_path / "out"
+    run(ingest_cfg(damaged, out, scheduler=cluster.address), ("ingest",))
+    expected = ingest_bytes(local_ingest)
+    assert len([p for p in expected if "/c/" in p]) >= 2 * (3000 // 128)  # vectors + ids chunks
+    assert ingest_bytes(out) == expected
+    rejects = pd.read_parquet(out / "rejects.parquet")
+    assert len(rejects) >= 2 and set(rejects["reason"]) >= {"non_finite_vector", "zero_vector"}
+    # The reads and the chunk writes ran as tasks on the cluster, and left no staging.
+    read_task = "check_matrix_rows" if damaged.embeddings_matrix else "read_files_part"
+    assert {read_task, "write_chunk"} <= task_prefixes(cluster.address)
+    assert not glob.glob(str(out / "_staging" / "*" / "parts-*"))
+
+
+def test_ingest_on_a_local_cluster_equals_local(damaged, local_ingest, tmp_path):
+    out = tmp_path / "out"
+    run(ingest_cfg(damaged, out, scheduler="local-cluster", n_workers=2, threads_per_worker=1),
+        ("ingest",))  # fmt: skip
+    assert ingest_bytes(out) == ingest_bytes(local_ingest)
+
+
+def test_ingest_on_workers_survives_a_worker_killed_mid_read(damaged, local_ingest, tmp_path):
+    if damaged.embeddings_matrix:
+        pytest.skip("the matrix layout writes no staging parts to watch")
+    cluster = HandStartedCluster(tmp_path)
+    try:
+        out = tmp_path / "out"
+        victim = cluster.workers[0]
+        killed = threading.Event()
+
+        def kill_when_parts_appear() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if len(glob.glob(str(out / "_staging" / "*" / "parts-*" / "part-*.npy"))) >= 3:
+                    os.kill(victim.pid, signal.SIGKILL)
+                    killed.set()
+                    return
+                time.sleep(0.002)
+
+        threading.Thread(target=kill_when_parts_appear, daemon=True).start()
+        run(ingest_cfg(damaged, out, scheduler=cluster.address), ("ingest",))
+        assert killed.is_set(), "the worker was not killed during the ingest"
+        assert victim.wait(timeout=10) == -signal.SIGKILL
+        assert ingest_bytes(out) == ingest_bytes(local_ingest)
+    finally:
+        cluster.close()
+
+
+def test_ingest_on_workers_needs_workers(small_dataset, tmp_path):
+    cfg = config_for(small_dataset, tmp_path / "out", ingest={"on_workers": True})
+    with pytest.raises(ConfigError, match=r"^ingest.on_workers is true, but executor.scheduler"):
+        run(cfg, ("ingest",))

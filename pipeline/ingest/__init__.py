@@ -27,7 +27,8 @@ from .. import schema, sinks, store
 from ..catalog import Catalog
 from ..config import IngestConfig, InputConfig, SelectConfig
 from ..context import StageContext
-from ..errors import InputError, must_be
+from ..errors import ConfigError, InputError, must_be
+from ..executor import Executor
 from ..plan import effective_chunk_rows
 from .embeddings import (
     FILES_PER_TASK,
@@ -53,6 +54,7 @@ from .objects import (
     stream_objects_csv,
     validate_rows,
 )
+from .workers import read_on_workers, remove_parts, write_on_workers
 
 __all__ = ["IngestResult", "ingest_objects", "ingest_stage", "read_objects_csv", "validate_rows"]
 
@@ -66,7 +68,8 @@ class IngestResult:
     dim: int
     chunk_rows: int
     rejected: dict[str, int]
-    #: The staging memmap (CSV order); deleted after the mirror unless ingest.keep_memmap.
+    #: The staging memmap (CSV order), or the workers' parts folder; deleted after the
+    #: store is written unless ingest.keep_memmap.
     memmap: str
 
     @property
@@ -223,6 +226,38 @@ def read_and_validate(
     return candidates, rejects, n_input_rows
 
 
+@dataclass(frozen=True)
+class _Staging:
+    """Where one ingest keeps its temporary files, and who reads the embeddings."""
+
+    memmap: str  # the local path's CSV-order vectors
+    objects: str  # the checked objects table (Arrow)
+    parts: str  # the workers' staging parts (a folder)
+    #: The dask cluster that reads the embeddings and writes the store; None: this process.
+    workers: Executor | None
+
+
+def uses_workers(settings: IngestConfig, executor: Executor | None, staging: str) -> bool:
+    """Whether the embeddings are read on the workers (``ingest.on_workers``)."""
+    has_workers = executor is not None and executor.client is not None
+    if settings.on_workers == "auto":
+        return has_workers and store.is_local(staging)
+    if settings.on_workers and not has_workers:
+        raise ConfigError(
+            "ingest.on_workers is true, but executor.scheduler runs no dask workers: set it "
+            "to 'local-cluster' or a scheduler address, or set ingest.on_workers to auto."
+        )
+    if settings.on_workers and not store.is_local(staging):
+        raise ConfigError(
+            must_be(
+                "output.staging_dir",
+                "a folder path every worker sees (shared storage) when ingest.on_workers is true",
+                staging,
+            )  # fmt: skip
+        )
+    return bool(settings.on_workers)
+
+
 def ingest_objects(
     input: InputConfig,
     select: SelectConfig,
@@ -232,21 +267,27 @@ def ingest_objects(
     metadata: dict | None = None,
     progress: bool = False,
     run_id: str = "direct",
+    executor: Executor | None = None,
 ) -> IngestResult:
     """Run the ingest and return its counts (outputs are written where ``catalog`` says).
 
+    With a distributed ``executor`` (and ``ingest.on_workers``), the embedding files are
+    read and the store chunks written by its workers (:mod:`.workers`); else here.
+
     .. warning:: The staging memmap (``catalog.memmap(run_id)``) takes ``rows x dim x 4``
-       bytes of local disk until the Zarr mirror is written.
+       bytes of local disk until the Zarr mirror is written (the workers' staging parts
+       as much, in ``output.staging_dir``).
     """
-    memmap_path = catalog.memmap(run_id)
-    objects_path = catalog.objects_staging(run_id)
+    staging = _Staging(
+        memmap=catalog.memmap(run_id),
+        objects=catalog.objects_staging(run_id),
+        parts=catalog.staging_parts(run_id),
+        workers=executor if uses_workers(settings, executor, catalog.staging) else None,
+    )
     try:
-        return _ingest(
-            input, select, settings, shuffle_seed, catalog, metadata, progress,
-            memmap_path, objects_path,
-        )  # fmt: skip
+        return _ingest(input, select, settings, shuffle_seed, catalog, metadata, progress, staging)
     finally:
-        Path(objects_path).unlink(missing_ok=True)
+        Path(staging.objects).unlink(missing_ok=True)
 
 
 def _ingest(
@@ -257,12 +298,11 @@ def _ingest(
     catalog: Catalog,
     metadata: dict | None,
     progress: bool,
-    memmap_path: str,
-    objects_path: str,
+    staging: _Staging,
 ) -> IngestResult:
     csv_path = input.objects_csv
     candidates, rejects, n_input_rows = read_and_validate(
-        csv_path, select, settings.on_bad_bbox, objects_path
+        csv_path, select, settings.on_bad_bbox, staging.objects
     )
     raise_on_bad_object(settings, csv_path, rejects)
     candidates.insert(0, schema.OBJECT_ID, np.arange(len(candidates), dtype=np.int64))
@@ -284,16 +324,25 @@ def _ingest(
         files = FileGroups(candidates, input)
         dim = settings.dim or infer_dim(files)
 
-    memmap = open_memmap(memmap_path, len(candidates), dim)
-    if input.embeddings_matrix:
-        emb_reasons, emb_details = fill_memmap_from_matrix(candidates, matrix, memmap, progress)
-        read_paths: list[str] = []  # one matrix: no per-image files
-    else:
-        read_paths = []
-        emb_reasons, emb_details = fill_memmap_from_files(
-            recording_paths(files.batches(FILES_PER_TASK), read_paths),
-            len(files), len(candidates), memmap, dim, progress,
+    if staging.workers is not None:
+        emb_reasons, emb_details, read_paths, locations = read_on_workers(
+            staging.workers, candidates, None if input.embeddings_matrix else files,
+            input.embeddings_matrix, dim, staging.parts,
+            effective_chunk_rows(settings.chunk_rows, len(candidates)),
         )  # fmt: skip
+    else:
+        memmap = open_memmap(staging.memmap, len(candidates), dim)
+        if input.embeddings_matrix:
+            emb_reasons, emb_details = fill_memmap_from_matrix(candidates, matrix, memmap, progress)
+            read_paths = []  # one matrix: no per-image files
+        else:
+            read_paths = []
+            emb_reasons, emb_details = fill_memmap_from_files(
+                recording_paths(files.batches(FILES_PER_TASK), read_paths),
+                len(files), len(candidates), memmap, dim, progress,
+            )  # fmt: skip
+        memmap.flush()
+    if not input.embeddings_matrix:
         del files  # it shares columns with the table
     # The files the CSV names: what a rerun fingerprints to notice a changed input.
     sinks.write_parquet(
@@ -301,7 +350,6 @@ def _ingest(
         pa.schema([("path", pa.string())]),
     )  # fmt: skip
     del read_paths
-    memmap.flush()
 
     late = rejects_frame(candidates[schema.SOURCE_ROW], candidates, emb_reasons, emb_details)
     rejects = pd.concat([rejects, late], ignore_index=True)
@@ -328,12 +376,18 @@ def _ingest(
     sinks.write_object_parts(objects, store_ids, catalog.objects, chunk_rows, progress)
     del objects  # the table is written: free it before the vectors' buffers are taken
     pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory
-    store.mirror_to_store(
-        memmap, store_ids, catalog.store, chunk_rows, settings.compression, attrs, progress
-    )
-    del memmap
-    if not settings.keep_memmap:
-        Path(memmap_path).unlink(missing_ok=True)
+    if staging.workers is not None:
+        write_on_workers(staging.workers, locations, store_ids, catalog.store, dim, chunk_rows,
+                         settings.compression, attrs)  # fmt: skip
+        if not settings.keep_memmap:
+            remove_parts(staging.parts)
+    else:
+        store.mirror_to_store(
+            memmap, store_ids, catalog.store, chunk_rows, settings.compression, attrs, progress
+        )
+        del memmap
+        if not settings.keep_memmap:
+            Path(staging.memmap).unlink(missing_ok=True)
     sinks.write_parquet(rejects, catalog.rejects, schema.REJECTS_SCHEMA)
     result = IngestResult(
         n_input_rows=n_input_rows,
@@ -341,7 +395,7 @@ def _ingest(
         dim=dim,
         chunk_rows=chunk_rows,
         rejected={k: int(v) for k, v in rejects["reason"].value_counts().sort_index().items()},
-        memmap=memmap_path,
+        memmap=staging.memmap if staging.workers is None else staging.parts,
     )
     summary = {**result.__dict__, "n_rejected": result.n_rejected}
     if not settings.keep_memmap:  # a deleted file's run-specific name is not worth keeping
@@ -357,4 +411,5 @@ def ingest_stage(
     return ingest_objects(
         input, select, ingest, context.plan.shuffle_seed, context.catalog, context.metadata,
         progress=context.executor.progress, run_id=context.plan.run_id,
+        executor=context.executor,
     )  # fmt: skip

@@ -143,11 +143,11 @@ def _load_file(
     ]
     vectors = np.zeros((n, dim), dtype=np.float32)
     vectors[~beyond] = array[job.idx[~beyond]]
-    _check_vectors(vectors, reasons, details, lambda i: f"Row {job.idx[i]} of {job.path}")
+    check_vectors(vectors, reasons, details, lambda i: f"Row {job.idx[i]} of {job.path}")
     return vectors, reasons, details
 
 
-def _check_vectors(vectors: np.ndarray, reasons: np.ndarray, details: np.ndarray, where) -> None:
+def check_vectors(vectors: np.ndarray, reasons: np.ndarray, details: np.ndarray, where) -> None:
     """Reject rows with NaN or infinite values, and all-zero rows (cosine undefined).
 
     ``where(i)`` names row ``i`` in a message, e.g. "Row 3 of a.npy".
@@ -249,7 +249,7 @@ def infer_dim(files: FileGroups) -> int:
     return widths.most_common(1)[0][0]
 
 
-def _load_batch(jobs: list[_FileJob], dim: int) -> tuple[np.ndarray, np.ndarray, list]:
+def load_batch(jobs: list[_FileJob], dim: int) -> tuple[np.ndarray, np.ndarray, list]:
     """Load a batch of files: positions and vectors of the good objects, stacked, and
     ``(positions, reasons, details)`` of each file that has rejected objects."""
     positions, blocks, problems = [], [], []
@@ -310,7 +310,7 @@ def fill_memmap_from_files(
     bar = tqdm(total=n_files, desc="ingest: read embeddings", unit="file", disable=not progress)
     with ThreadPoolExecutor(max_workers=2) as pool:
         loaded = bounded_map(
-            pool, lambda batch: (len(batch), *_load_batch(batch, dim)), batches, ahead=4
+            pool, lambda batch: (len(batch), *load_batch(batch, dim)), batches, ahead=4
         )
         for n_batch_files, positions, vectors, problems in loaded:
             memmap[positions] = vectors
@@ -363,7 +363,7 @@ def fill_memmap_from_matrix(
     for start in tqdm(range(0, n, step), desc="ingest: copy matrix", disable=not progress):
         rows = source[start : start + step]
         block = np.asarray(matrix[rows], dtype=np.float32)
-        _check_vectors(block, reasons[start : start + step], details[start : start + step],
+        check_vectors(block, reasons[start : start + step], details[start : start + step],
                        lambda i, rows=rows: f"Row {rows[i]} of {matrix.filename}")  # fmt: skip
         memmap[start : start + step] = block
     return reasons, details
