@@ -399,6 +399,12 @@ def estimate_resources(
 #: and predict's time over their GEMM bound; post-processing and report per row and core.
 INGEST_SECONDS_PER_ROW = 45e-6
 INGEST_BYTES_PER_SECOND = 160e6
+#: Ingest on the workers: the client's share per row (the CSV checks, the grouping by
+#: file, the task graph, the objects table), and each worker core's per row (file opens
+#: and checks) and per byte of vectors (read, staged, gathered and written once each).
+INGEST_CLIENT_SECONDS_PER_ROW = 20e-6
+INGEST_WORKER_CORE_SECONDS_PER_ROW = 40e-6
+INGEST_WORKER_CORE_BYTES_PER_SECOND = 120e6
 FIT_OVER_GEMM = 2.8
 PREDICT_OVER_GEMM = 1.8
 REFINE_OVER_GEMM = 1.8
@@ -425,13 +431,16 @@ def estimate_at_scale(
     threads_per_worker: int,
     chunk_rows: int,
     gflops_per_core: float,
+    ingest_on_workers: bool = False,
 ) -> dict[str, ScaleEstimate]:
     """Per-stage time, memory and disk of a run of ``n_rows x dim`` with ``n_clusters`` on
     ``n_workers`` workers of ``threads_per_worker`` cores, each core doing
     ``gflops_per_core`` float32 GFLOP/s (what ``--dry-run --rows ...`` prints).
 
     The sequential chain runs on one worker's cores; refinement passes, predict and
-    post-processing spread over all; the local ingest runs on the client alone.
+    post-processing spread over all; the local ingest runs on the client alone, the
+    ingest on workers (``ingest_on_workers``) spreads its file reads and chunk writes
+    over all cores and keeps the CSV pass on the client.
 
     >>> e = estimate_at_scale(TrainConfig(), 10**6, 1792, 600, 1, 2, 8192, 100.0)
     >>> round(e["train"].seconds), round(e["predict"].seconds), e["predict"].bound
@@ -446,9 +455,19 @@ def estimate_at_scale(
     # Memory per process: a worker runs threads_per_worker blocks at once.
     resources = estimate_resources(n_rows, dim, chunk_rows, n_clusters, threads_per_worker)
     vectors = n_rows * dim * 4
+    if ingest_on_workers:
+        client = INGEST_CLIENT_SECONDS_PER_ROW * n_rows
+        spread = (INGEST_WORKER_CORE_SECONDS_PER_ROW * n_rows
+                  + vectors / INGEST_WORKER_CORE_BYTES_PER_SECOND) / cores  # fmt: skip
+        ingest = (client + spread, "the client's CSV pass" if client >= spread
+                  else f"file reads and chunk writes on {cores} cores")  # fmt: skip
+    else:
+        ingest = (
+            INGEST_SECONDS_PER_ROW * n_rows + vectors / INGEST_BYTES_PER_SECOND,
+            "the client: file reads and 2 writes of the vectors",
+        )
     seconds = {
-        "ingest": (INGEST_SECONDS_PER_ROW * n_rows + vectors / INGEST_BYTES_PER_SECOND,
-                   "the client: file reads and 2 writes of the vectors"),
+        "ingest": ingest,
         "train": (FIT_OVER_GEMM * chain + REFINE_OVER_GEMM * refine,
                   f"GEMM of the sequential chain on {threads_per_worker} cores"
                   if FIT_OVER_GEMM * chain >= REFINE_OVER_GEMM * refine

@@ -33,6 +33,7 @@ from .. import store
 from ..executor import Executor
 from .embeddings import FileGroups, _FileJob, check_vectors, load_batch
 
+
 @dataclass(frozen=True)
 class Locations:
     """Where each candidate's vector lies after the read pass: ``file[position]`` (an
