@@ -275,19 +275,23 @@ def check_groups(spec: GroupsSpec, summary: pd.DataFrame, source: str = "<groups
 
 
 def assign_groups(
-    spec: GroupsSpec, selected: pd.DataFrame, source: str = "<groups>"
+    spec: GroupsSpec, selected: pd.DataFrame, source: str = "<groups>", refit: bool = False
 ) -> pd.DataFrame:
     """The selected objects of every group with a ``group`` column (pure).
 
     ``selected`` holds rows of ``ins_posts_clusters`` (with ``object_id``); ``spec`` must
     have passed :func:`check_groups`. Rows come in file order of the groups, then by
-    cluster, descending ``sim`` and ``object_id``.
+    cluster, descending ``sim`` and ``object_id``. With ``refit`` (the run's model was
+    numbered after a previous one, so the file may predate it), an excluded object that
+    is not a selected object of its group's clusters any more is skipped with one warning
+    line each: the re-fit moved it to another cluster or post-processing removed it, so
+    there is nothing left to exclude.
 
     Raises
     ------
     InputError
-        An excluded object is not a selected object of its group's clusters, or the
-        exclusions leave a group empty.
+        An excluded object is not a selected object of its group's clusters (unless
+        ``refit``), or the exclusions leave a group empty.
     """
     parts, problems = [], []
     for i, group in enumerate(spec.groups):
@@ -295,7 +299,16 @@ def assign_groups(
         excluded = set(group.exclude_objects)
         unknown = sorted(excluded - set(members[schema.OBJECT_ID].tolist()))
         label = f"{source}: key 'groups.{i}.exclude_objects' (group {group.name!r})"
-        if unknown:
+        if unknown and refit:
+            for obj in unknown:
+                log.warning(
+                    "%s: object %d excluded by group %r (groups.%d) is not a selected object "
+                    "of its clusters %s after the re-fit (moved to another cluster or "
+                    "removed by post-processing); skipped.",
+                    source, obj, group.name, i, group.clusters,
+                )  # fmt: skip
+            excluded -= set(unknown)
+        elif unknown:
             problems.append(
                 f"{label} must name selected objects of the group's clusters "
                 f"{group.clusters}. Got {', '.join(map(str, unknown[:5]))} instead."
@@ -342,8 +355,9 @@ def resolve_groups(catalog: Catalog, groups_file: str | Path) -> pd.DataFrame:
         removed = sinks.read_parquet(catalog.postprocessed, filters=[("cluster", "in", rescued)])
         removed = removed[removed[schema.STATUS] != schema.STATUS_DUPLICATE]
         selected = pd.concat([selected, removed[list(selected.columns)]], ignore_index=True)
+    refit = catalog.read_model_description().get("ids", {}).get("previous_model") is not None
     try:
-        return assign_groups(spec, selected, source)
+        return assign_groups(spec, selected, source, refit=refit)
     except InputError as exc:
         raise InputError(with_positions(str(exc), source)) from None
 

@@ -170,6 +170,28 @@ def test_refit_with_another_seed_keeps_ids_and_groups(small_dataset, tmp_path, c
     meta = sinks.read_run_metadata(catalog.groups_parquet)
     assert meta["model_fingerprint"] == catalog.model_fingerprint()
 
+    # Exclusions written against the first run (valid there: selected objects of the
+    # group's clusters): an object the re-fit moved out of its group's clusters is skipped
+    # with one warning line; one still there is excluded.
+    selected_now = sinks.read_parquet(catalog.clusters_parquet, columns=["object_id", "cluster"])
+    spec = yaml.safe_load(groups_file.read_text())
+    left, stayed = [], []
+    for group in spec["groups"]:
+        now = set(selected_now.loc[selected_now["cluster"].isin(group["clusters"]), "object_id"])
+        members = before.loc[before["group"] == group["name"], "object_id"].tolist()
+        gone_objects = [o for o in members if o not in now][:2]
+        still = [o for o in members if o in now][:1]
+        group["exclude_objects"] = gone_objects + still
+        left, stayed = left + gone_objects, stayed + still
+    assert left  # another seed moves some objects
+    groups_file.write_text(yaml.safe_dump(spec))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        excluded = apply_groups(cfg2, groups_file).table
+    lines = [r.getMessage() for r in caplog.records if "excluded by group" in r.getMessage()]
+    assert sorted(int(line.split("object ")[1].split()[0]) for line in lines) == sorted(left)
+    assert set(excluded["object_id"]) == set(after["object_id"]) - set(stayed)
+
 
 def _vectors(catalog: Catalog, object_ids: np.ndarray) -> np.ndarray:
     from pipeline import store
