@@ -239,6 +239,21 @@ def test_refit_with_another_seed_keeps_ids_and_groups(small_dataset, tmp_path, c
     lines = [r.getMessage() for r in caplog.records if "excluded by group" in r.getMessage()]
     assert sorted(int(line.split("object ")[1].split()[0]) for line in lines) == sorted(left)
     assert set(excluded["object_id"]) == set(after["object_id"]) - set(stayed)
+    # The 'groups' command applies the file, then rebuilds the report with it: still one
+    # line per object skipped and per cluster gone.
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    config = tmp_path / "c2.yaml"
+    config.write_text(yaml.safe_dump(cfg2.model_dump(mode="json")))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        done = CliRunner().invoke(app, ["groups", "-c", str(config), "-f", str(groups_file)])
+    assert done.exit_code == 0, done.output
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("excluded by group" in line for line in warned) == len(left)
+    assert sum("is gone" in line for line in warned) == len(set(picked) & set(info["gone"]))
 
 
 def _vectors(catalog: Catalog, object_ids: np.ndarray) -> np.ndarray:
