@@ -440,8 +440,8 @@ def number_clusters(
 ) -> tuple[ids.IdMatch, dict]:
     """Ids for the new centres (:mod:`pipeline.ids`) and what ``model.json`` records.
 
-    Pairs qualify by centre cosine, or (``metric`` given and the store ingested) by member
-    Jaccard on the store's first ``MEMBER_ROWS_PER_CLUSTER x k`` rows, each labelled by the
+    Pairs qualify by centre cosine, or (``metric`` given) by member Jaccard on the store's
+    first ``MEMBER_ROWS_PER_CLUSTER x k`` rows (a uniform sample), each labelled by the
     previous centres in the previous model's metric and by the new ones in ``metric``.
     """
     previous = previous_model_of(catalog, train)
