@@ -48,6 +48,7 @@ from .ingest.embeddings import (
     open_memmap,
 )
 from .ingest.objects import read_objects_csv, rejects_frame, validate_rows
+from .lock import output_lock
 from .plan import effective_chunk_rows, new_run_id
 from .predict import assign_rows
 
@@ -228,6 +229,14 @@ def assign_objects(
         )
     if not store.is_local(out):
         raise OutputError(f"assign writes to a local folder. Got {out!r} instead.")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    # One writer per folder, as every other command (a second one: a one-line error).
+    with output_lock(out, new_run_id()):
+        return _assign_into(cfg, saved, out, progress)
+
+
+def _assign_into(cfg: Config, saved: SavedModel, out: str, progress: bool) -> AssignResult:
+    """:func:`assign_objects` once ``out`` is checked and locked."""
     inputs, settings = cfg.input, cfg.ingest
     csv_path = inputs.objects_csv
     raw = read_objects_csv(csv_path)
@@ -255,7 +264,6 @@ def assign_objects(
         source = inputs.embeddings_root
     check_model(saved, cfg.train.metric, dim, source)
 
-    Path(out).mkdir(parents=True, exist_ok=True)
     memmap_path = os.path.join(out, f".staging-{new_run_id()}.f32")
     try:
         memmap = open_memmap(memmap_path, len(candidates), dim)

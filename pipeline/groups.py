@@ -165,7 +165,11 @@ def with_positions(message: str, path: str | Path) -> str:
 
 
 def drop_gone_clusters(
-    spec: GroupsSpec, gone: set[int], source: str = "<groups>", unkept: set[int] = frozenset()
+    spec: GroupsSpec,
+    gone: set[int],
+    source: str = "<groups>",
+    unkept: set[int] = frozenset(),
+    level: int = logging.WARNING,
 ) -> GroupsSpec:
     """``spec`` without the clusters a re-fit retired (``gone``, :mod:`pipeline.ids`) or
     that the previous run kept and the re-fit's post-processing no longer keeps
@@ -188,15 +192,16 @@ def drop_gone_clusters(
                 why = "is no longer kept: the re-fit's post-processing removed it"
             else:
                 continue
-            log.warning("%s: cluster %d of group %r (groups.%d) %s; dropped from the group.",
-                        source, cluster, group.name, i, why)  # fmt: skip
+            log.log(level, "%s: cluster %d of group %r (groups.%d) %s; dropped from the group.",
+                    source, cluster, group.name, i, why)  # fmt: skip
         left = [c for c in group.clusters if c not in dropped]
         if left:
             groups.append(group.model_copy(update={"clusters": left}))
         else:
-            log.warning(
-                "%s: group %r (groups.%d) has no cluster left; dropped.", source, group.name, i
-            )
+            log.log(
+                level, "%s: group %r (groups.%d) has no cluster left; dropped.", source,
+                group.name, i,
+            )  # fmt: skip
     return GroupsSpec(groups=groups)
 
 
@@ -275,19 +280,27 @@ def check_groups(spec: GroupsSpec, summary: pd.DataFrame, source: str = "<groups
 
 
 def assign_groups(
-    spec: GroupsSpec, selected: pd.DataFrame, source: str = "<groups>"
+    spec: GroupsSpec,
+    selected: pd.DataFrame,
+    source: str = "<groups>",
+    refit: bool = False,
+    level: int = logging.WARNING,
 ) -> pd.DataFrame:
     """The selected objects of every group with a ``group`` column (pure).
 
     ``selected`` holds rows of ``ins_posts_clusters`` (with ``object_id``); ``spec`` must
     have passed :func:`check_groups`. Rows come in file order of the groups, then by
-    cluster, descending ``sim`` and ``object_id``.
+    cluster, descending ``sim`` and ``object_id``. With ``refit`` (the run's model was
+    numbered after a previous one, so the file may predate it), an excluded object that
+    is not a selected object of its group's clusters any more is skipped with one warning
+    line each: the re-fit moved it to another cluster or post-processing removed it, so
+    there is nothing left to exclude.
 
     Raises
     ------
     InputError
-        An excluded object is not a selected object of its group's clusters, or the
-        exclusions leave a group empty.
+        An excluded object is not a selected object of its group's clusters (unless
+        ``refit``), or the exclusions leave a group empty.
     """
     parts, problems = [], []
     for i, group in enumerate(spec.groups):
@@ -295,7 +308,17 @@ def assign_groups(
         excluded = set(group.exclude_objects)
         unknown = sorted(excluded - set(members[schema.OBJECT_ID].tolist()))
         label = f"{source}: key 'groups.{i}.exclude_objects' (group {group.name!r})"
-        if unknown:
+        if unknown and refit:
+            for obj in unknown:
+                log.log(
+                    level,
+                    "%s: object %d excluded by group %r (groups.%d) is not a selected object "
+                    "of its clusters %s after the re-fit (moved to another cluster or "
+                    "removed by post-processing); skipped.",
+                    source, obj, group.name, i, group.clusters,
+                )  # fmt: skip
+            excluded -= set(unknown)
+        elif unknown:
             problems.append(
                 f"{label} must name selected objects of the group's clusters "
                 f"{group.clusters}. Got {', '.join(map(str, unknown[:5]))} instead."
@@ -315,8 +338,11 @@ def assign_groups(
     return pd.concat(parts, ignore_index=True)
 
 
-def resolve_groups(catalog: Catalog, groups_file: str | Path) -> pd.DataFrame:
-    """Load, check and assign the groups of ``groups_file`` against the run (no writes)."""
+def resolve_groups(
+    catalog: Catalog, groups_file: str | Path, level: int = logging.WARNING
+) -> pd.DataFrame:
+    """Load, check and assign the groups of ``groups_file`` against the run (no writes);
+    what a re-fit dropped (clusters, exclusions) is logged at ``level``, one line each."""
     source = str(groups_file)
     spec = load_groups(source)
     if not catalog.exists(catalog.cluster_summary):
@@ -329,7 +355,7 @@ def resolve_groups(catalog: Catalog, groups_file: str | Path) -> pd.DataFrame:
     )
     kept_now = set(summary.loc[summary["size_final"] > 0, "cluster"].tolist())
     unkept = catalog.previously_kept_cluster_ids() - kept_now
-    spec = drop_gone_clusters(spec, catalog.retired_cluster_ids(), source, unkept)
+    spec = drop_gone_clusters(spec, catalog.retired_cluster_ids(), source, unkept, level)
     try:
         check_groups(spec, summary, source)
     except InputError as exc:
@@ -342,10 +368,35 @@ def resolve_groups(catalog: Catalog, groups_file: str | Path) -> pd.DataFrame:
         removed = sinks.read_parquet(catalog.postprocessed, filters=[("cluster", "in", rescued)])
         removed = removed[removed[schema.STATUS] != schema.STATUS_DUPLICATE]
         selected = pd.concat([selected, removed[list(selected.columns)]], ignore_index=True)
+    refit = catalog.read_model_description().get("ids", {}).get("previous_model") is not None
     try:
-        return assign_groups(spec, selected, source)
+        return assign_groups(spec, selected, source, refit=refit, level=level)
     except InputError as exc:
         raise InputError(with_positions(str(exc), source)) from None
+
+
+#: Groups files whose re-fit warnings :func:`apply_groups` printed in this process, by
+#: (path, contents, model fingerprint): the report that ``pipeline groups`` builds next
+#: resolves the same file against the same model and logs them at debug level only, so
+#: each gone cluster or object is one warning line.
+_announced: set[tuple[str, str, str]] = set()
+
+
+def _announcement(catalog: Catalog, source: str) -> tuple[str, str, str]:
+    import hashlib
+
+    try:
+        digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    except OSError:
+        digest = ""
+    return str(Path(source).resolve()), digest, catalog.model_fingerprint()
+
+
+def warning_level(catalog: Catalog, groups_file: str | Path) -> int:
+    """``logging.DEBUG`` when :func:`apply_groups` already printed this file's re-fit
+    warnings against this model in this process, else ``logging.WARNING``."""
+    announced = _announcement(catalog, str(groups_file)) in _announced
+    return logging.DEBUG if announced else logging.WARNING
 
 
 def apply_groups(cfg: Config, groups_file: str | Path | None = None) -> GroupsResult:
@@ -359,6 +410,7 @@ def apply_groups(cfg: Config, groups_file: str | Path | None = None) -> GroupsRe
     source = groups_file_of(cfg, groups_file)
     catalog = Catalog.from_config(cfg.output)
     table = resolve_groups(catalog, source)
+    _announced.add(_announcement(catalog, source))
     csv_url, parquet_url = catalog.groups_csv, catalog.groups_parquet
     metadata = run_metadata(
         cfg, {"groups_file": source, "model_fingerprint": catalog.model_fingerprint()}

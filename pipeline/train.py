@@ -408,10 +408,42 @@ def previous_model_of(catalog: Catalog, train: TrainConfig) -> str | None:
     return catalog.model if catalog.exists(store.join(catalog.model, "centers.npy")) else None
 
 
+def member_labels(
+    url: str, rows: int, fits: list[tuple[np.ndarray, str]], blas_threads: int
+) -> list[np.ndarray]:
+    """The centre row of each of the store's first ``rows`` rows (a uniform sample: the
+    store is shuffled) under each ``(centres, metric)`` fit, block by block, assigned as
+    predict assigns (:func:`pipeline.predict.assign_rows`)."""
+    from .predict import assign_rows
+
+    prepared = []
+    for centres, metric in fits:
+        centres = np.ascontiguousarray(centres, dtype=np.float32)
+        prepared.append((centres, kernels.row_sq_norms(centres), metric))
+    labels = [np.empty(rows, np.int64) for _ in fits]
+    chunk_rows = store.open_store(url)[store.VECTORS].chunks[0]
+    with threadpool_limits(blas_threads):
+        for start in range(0, rows, chunk_rows):
+            stop = min(rows, start + chunk_rows)
+            block = store.read_rows_reusing_buffer(url, start, stop)
+            for out, (centres, sq_norms, metric) in zip(labels, prepared, strict=True):
+                out[start:stop] = assign_rows(block, centres, sq_norms, metric)["cluster"]
+    return labels
+
+
 def number_clusters(
-    catalog: Catalog, train: TrainConfig, centres: np.ndarray
+    catalog: Catalog,
+    train: TrainConfig,
+    centres: np.ndarray,
+    metric: str | None = None,
+    blas_threads: int = 1,
 ) -> tuple[ids.IdMatch, dict]:
-    """Ids for the new centres (:mod:`pipeline.ids`) and what ``model.json`` records."""
+    """Ids for the new centres (:mod:`pipeline.ids`) and what ``model.json`` records.
+
+    Pairs qualify by centre cosine, or (``metric`` given) by member Jaccard on the store's
+    first ``MEMBER_ROWS_PER_CLUSTER x k`` rows (a uniform sample), each labelled by the
+    previous centres in the previous model's metric and by the new ones in ``metric``.
+    """
     previous = previous_model_of(catalog, train)
     if previous is None:
         return ids.fresh_ids(len(centres)), {"previous_model": None}
@@ -430,7 +462,19 @@ def number_clusters(
         centres_for_match = centres[:, :0]
     else:
         centres_for_match = centres
-    match = ids.match_ids(old_centres, centres_for_match, old_ids, retired)
+    jaccard, member_rows = None, 0
+    if metric is not None and len(old_centres):
+        n_rows = catalog.store_shape()[0]
+        member_rows = min(n_rows, ids.MEMBER_ROWS_PER_CLUSTER * max(len(centres), len(old_centres)))
+        new_labels, old_labels = member_labels(
+            catalog.store, member_rows,
+            [(centres, metric), (old_centres, old_info.get("metric", "euclidean"))],
+            blas_threads,
+        )  # fmt: skip
+        jaccard = ids.member_jaccard(new_labels, old_labels, len(centres), len(old_centres))
+    match = ids.match_ids(
+        old_centres, centres_for_match, old_ids, retired, jaccard=jaccard, member_rows=member_rows
+    )
     info = {"previous_model": previous, "previous_metric": old_info.get("metric")}
     kept = previous_kept_clusters(previous, old_ids)
     if kept is not None:
@@ -467,7 +511,9 @@ def train_stage(context: StageContext, train: TrainConfig, postprocess: Postproc
     model = context.executor.compute(
         fit_centroids(train, plan, context.catalog.store), desc="train"
     )
-    match, previous = number_clusters(context.catalog, train, centres_of(model))
+    match, previous = number_clusters(
+        context.catalog, train, centres_of(model), plan.metric, plan.blas_threads
+    )
     centres, cluster_ids, order = ids.sort_by_id(centres_of(model), match.ids)
     if previous["previous_model"] is not None:
         kept = previous.get("previous_kept_matched"), previous.get("previous_kept")

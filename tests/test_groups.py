@@ -81,6 +81,27 @@ def test_assign_groups_rejects_bad_exclusions(exclude, match):
         assign_groups(s, SELECTED, "g.yaml")
 
 
+def test_refit_skips_exclusions_that_left_with_one_warning_each(caplog):
+    # After a re-fit an excluded object may no longer be a selected member of the group's
+    # clusters (moved, or filtered out): nothing to exclude, one warning line per object;
+    # the exclusions still present are applied, and emptying a group is still an error.
+    import logging
+
+    s = spec({"name": "a", "clusters": [0], "exclude_objects": [12, 15, 99]})
+    with pytest.raises(InputError, match="Got 15, 99 instead"):
+        assign_groups(s, SELECTED, "g.yaml")  # not a re-fit: a mistake in the file
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        table = assign_groups(s, SELECTED, "g.yaml", refit=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert lines[0].startswith("g.yaml: object 15 excluded by group 'a' (groups.0) is not a")
+    assert "object 99" in lines[1] and lines[1].endswith("; skipped.")
+    assert table[schema.OBJECT_ID].tolist() == [11, 13, 10, 14]
+    every = spec({"name": "a", "clusters": [3], "exclude_objects": [15, 16, 99]})
+    with pytest.raises(InputError, match="must leave at least one object"):
+        assign_groups(every, SELECTED, "g.yaml", refit=True)
+
+
 # --------------------------------------------------------------------------- the command
 
 

@@ -79,6 +79,54 @@ def test_more_new_centres_than_old():
     assert m.ids.tolist() == [0, 1, 2] and m.new.tolist() == [2] and m.gone.size == 0
 
 
+def test_member_jaccard_counts_shared_members():
+    new = np.array([0, 0, 1, 1, 1, 2])
+    old = np.array([5, 5, 5, 6, 6, 6]) - 5
+    jac = ids.member_jaccard(new, old, 3, 2)
+    # new 0 = {0,1}, new 1 = {2,3,4}, new 2 = {5}; old 0 = {0,1,2}, old 1 = {3,4,5}.
+    assert np.allclose(jac, [[2 / 3, 0], [1 / 5, 2 / 4], [0, 1 / 3]])
+    with pytest.raises(ValueError, match="same rows"):
+        ids.member_jaccard(new, old[:-1], 3, 2)
+
+
+def test_same_members_keep_the_id_when_centres_drift():
+    # Two loose clusters whose centres moved to cosine 0.8 between the fits while their
+    # members stayed: centre cosine alone calls both new (the old behaviour); the member
+    # Jaccard keeps their ids. A third new centre is close to old 2 but holds none of its
+    # members (they went elsewhere): it still matches by centre cosine.
+    rng = np.random.default_rng(1)
+    old = ids.unit_rows(rng.standard_normal((3, 32)))
+    new = np.vstack([_rotated(old[1:2], 0.8, rng), _rotated(old[0:1], 0.8, rng),
+                     _rotated(old[2:3], 0.95, rng)])  # fmt: skip
+    old_labels = np.repeat([0, 1, 2], [40, 30, 10])
+    new_labels = np.repeat([1, 0, 0], [40, 30, 10])  # old 2's members joined new 0
+    new_labels[:3] = 2  # and new 2 took three rows of old 0
+    jac = ids.member_jaccard(new_labels, old_labels, 3, 3)
+    assert ids.match_ids(old, new).ids.tolist() == [3, 4, 2]  # centres alone
+    m = ids.match_ids(old, new, jaccard=jac, member_rows=len(new_labels))
+    assert m.ids.tolist() == [1, 0, 2]
+    assert m.new.size == 0 and m.gone.size == 0 and m.matched_by_members == 2
+    assert m.matched_jaccard.tolist() == pytest.approx([37 / 40, 30 / 40, 0.0])
+    described = m.describe()
+    assert described["min_jaccard"] == ids.SAME_CLUSTER_JACCARD
+    assert described["matched_by_members"] == 2 and described["member_rows"] == 80
+    assert "member Jaccard >= 0.5 on 80 rows" in m.summary_line()
+    # Below the Jaccard threshold and the cosine threshold: a new cluster.
+    low = ids.match_ids(old, new, jaccard=np.minimum(jac, 0.49))
+    assert low.ids.tolist() == [3, 4, 2]
+
+
+def test_member_rule_never_pairs_one_cluster_twice():
+    # Old 0 shares 0.6 of its members with new 0 (centres orthogonal) and is at centre
+    # cosine 0.95 from new 1: both pairs qualify, but the matching is one-to-one, so the
+    # pair of larger cosine + Jaccard (new 1: 0.95 + 0.1 > 0 + 0.6) keeps id 0.
+    old = np.eye(3)[:2]
+    new = np.array([[0.0, 0.0, 1.0], [0.95, 0.0, np.sqrt(1 - 0.95**2)]])
+    jac = np.array([[0.6, 0.0], [0.1, 0.0]])
+    m = ids.match_ids(old, new, jaccard=jac)
+    assert m.ids.tolist() == [2, 0] and m.gone.tolist() == [1] and m.matched_by_members == 0
+
+
 def test_sort_by_id_orders_rows():
     centres, cluster_ids, order = ids.sort_by_id(np.arange(6.0).reshape(3, 2), np.array([7, 2, 5]))
     assert cluster_ids.tolist() == [2, 5, 7]
@@ -170,6 +218,43 @@ def test_refit_with_another_seed_keeps_ids_and_groups(small_dataset, tmp_path, c
     meta = sinks.read_run_metadata(catalog.groups_parquet)
     assert meta["model_fingerprint"] == catalog.model_fingerprint()
 
+    # Exclusions written against the first run (valid there: selected objects of the
+    # group's clusters): an object the re-fit moved out of its group's clusters is skipped
+    # with one warning line; one still there is excluded.
+    selected_now = sinks.read_parquet(catalog.clusters_parquet, columns=["object_id", "cluster"])
+    spec = yaml.safe_load(groups_file.read_text())
+    left, stayed = [], []
+    for group in spec["groups"]:
+        now = set(selected_now.loc[selected_now["cluster"].isin(group["clusters"]), "object_id"])
+        members = before.loc[before["group"] == group["name"], "object_id"].tolist()
+        gone_objects = [o for o in members if o not in now][:2]
+        still = [o for o in members if o in now][:1]
+        group["exclude_objects"] = gone_objects + still
+        left, stayed = left + gone_objects, stayed + still
+    assert left  # another seed moves some objects
+    groups_file.write_text(yaml.safe_dump(spec))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        excluded = apply_groups(cfg2, groups_file).table
+    lines = [r.getMessage() for r in caplog.records if "excluded by group" in r.getMessage()]
+    assert sorted(int(line.split("object ")[1].split()[0]) for line in lines) == sorted(left)
+    assert set(excluded["object_id"]) == set(after["object_id"]) - set(stayed)
+    # The 'groups' command applies the file, then rebuilds the report with it: still one
+    # line per object skipped and per cluster gone.
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    config = tmp_path / "c2.yaml"
+    config.write_text(yaml.safe_dump(cfg2.model_dump(mode="json")))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        done = CliRunner().invoke(app, ["groups", "-c", str(config), "-f", str(groups_file)])
+    assert done.exit_code == 0, done.output
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("excluded by group" in line for line in warned) == len(left)
+    assert sum("is gone" in line for line in warned) == len(set(picked) & set(info["gone"]))
+
 
 def _vectors(catalog: Catalog, object_ids: np.ndarray) -> np.ndarray:
     from pipeline import store
@@ -231,3 +316,48 @@ def test_previous_model_key_and_keep_ids_off(small_dataset, tmp_path):
               "keep_ids": False}), stages=("ingest", "train"))  # fmt: skip
     assert off.catalog.read_cluster_ids().tolist() == list(range(20))
     assert off.catalog.read_model_description()["ids"]["previous_model"] is None
+
+
+def test_refit_keeps_every_cluster_that_shares_most_of_its_members(small_dataset, tmp_path):
+    """The "same cluster" rule checked against both runs' own assignments (an oracle
+    independent of the matching code): every kept id is a pair of centre cosine >= 0.9 or
+    member Jaccard >= 0.5, and no new cluster and gone id could have been paired by either
+    rule (the matching is maximal). Centre cosine alone leaves such pairs unmatched."""
+    import pandas as pd
+
+    train = {"metric": "cosine", "n_clusters": 20, "epochs": 1, "refine_iterations": 0}
+    stages = ("ingest", "train", "predict")
+    first = run(config_for(small_dataset, tmp_path / "a", train=train), stages=stages).catalog
+    cfg = config_for(small_dataset, tmp_path / "b",
+                     train={**train, "seed": 7, "previous_model": first.model})  # fmt: skip
+    second = run(cfg, stages=stages).catalog
+    info = second.read_model_description()["ids"]
+    assert info["min_jaccard"] == ids.SAME_CLUSTER_JACCARD
+    assert info["member_rows"] == 2000  # 200 x k rows, capped at the store's
+
+    old = sinks.read_parquet(first.assignments, columns=["object_id", "cluster"])
+    new = sinks.read_parquet(second.assignments, columns=["object_id", "cluster"])
+    both = old.merge(new, on="object_id", suffixes=("_old", "_new"))
+    common = pd.crosstab(both["cluster_new"], both["cluster_old"])
+    sizes_new, sizes_old = common.sum(axis=1), common.sum(axis=0)
+    jaccard = common / (sizes_new.to_numpy()[:, None] + sizes_old.to_numpy()[None, :] - common)
+    old_ids, new_ids = first.read_cluster_ids(), second.read_cluster_ids()
+    cos = pd.DataFrame(
+        ids.unit_rows(second.read_centres()) @ ids.unit_rows(first.read_centres()).T,
+        index=new_ids,
+        columns=old_ids,
+    )
+
+    def jac(n: int, o: int) -> float:
+        return float(jaccard.at[n, o]) if n in jaccard.index and o in jaccard.columns else 0.0
+
+    def same(n: int, o: int) -> bool:
+        return cos.at[n, o] >= ids.SAME_CLUSTER_COS or jac(n, o) >= ids.SAME_CLUSTER_JACCARD
+
+    kept = sorted(set(new_ids) & set(old_ids))
+    assert len(kept) == info["matched"]
+    assert all(same(c, c) for c in kept)
+    by_members = [c for c in kept if cos.at[c, c] < ids.SAME_CLUSTER_COS]
+    assert len(by_members) == info["matched_by_members"] >= 1  # what cosine alone misses
+    assert all(jac(c, c) >= ids.SAME_CLUSTER_JACCARD for c in by_members)
+    assert not [(n, o) for n in info["new"] for o in info["gone"] if same(n, o)]

@@ -111,7 +111,8 @@ def _load_groups(catalog: Catalog, groups_file: str | None) -> dict:
     if groups_file is None:
         return {}
     try:
-        table = groups_module.resolve_groups(catalog, groups_file)
+        level = groups_module.warning_level(catalog, groups_file)  # once per gone cluster
+        table = groups_module.resolve_groups(catalog, groups_file, level)
     except PipelineError as exc:
         log.warning("report: groups not shown: %s", exc)
         return {"source": str(groups_file), "error": str(exc)}
