@@ -232,6 +232,98 @@ def draw_demo_images(root: str | Path, n_workers: int | None = None) -> Path:
     return img_root
 
 
+#: Columns of the objects CSV that :class:`DatasetWriter` writes (the documented minimum
+#: plus ``raw_tag``).
+CSV_COLUMNS = ("batch_folder", "username", "res_name", "bbox", "tag", "score", "idx",
+               "image_name", "raw_tag")  # fmt: skip
+
+
+class DatasetWriter:
+    """Writes a dataset in the documented input layout, one user at a time.
+
+    The writer behind :func:`make_demo_dataset`, also used by scripts that build a dataset
+    from real embeddings (``scripts/real_embeddings.py``): call :meth:`add_image` for each
+    image of a user (users contiguous, as the write-up's CSV is), :meth:`end_user` after
+    each user, then :meth:`close`, which writes ``truth.parquet`` (``source_row``,
+    ``true_cluster``; -1 = outlier) and returns its path.
+
+    Parameters
+    ----------
+    root : Path
+        The dataset folder (created by the caller).
+    matrix : numpy.ndarray, optional
+        An open ``(n_rows, dim)`` memmap for ``layout="matrix"``; without it each image's
+        vectors go to ``ins_posts/<username>/embeddings/<image_name>.npy``.
+    """
+
+    def __init__(self, root: Path, matrix: np.ndarray | None = None) -> None:
+        self.root = Path(root)
+        self.csv_path = self.root / CSV_NAME
+        self.emb_root = self.root / "ins_posts"
+        self.matrix = matrix
+        self.row = 0
+        self._truth: list[np.ndarray] = []
+        self._columns: dict[str, list] = {name: [] for name in CSV_COLUMNS}
+        self._writer: pacsv.CSVWriter | None = None
+
+    def add_image(
+        self,
+        username: str,
+        batch_folder: str,
+        image_name: str,
+        vectors: np.ndarray,
+        bboxes: list[list[float]],
+        tags: list[str],
+        scores: list[float],
+        raw_tags: list[str],
+        truth: np.ndarray,
+    ) -> None:
+        """Add one image: its ``(n_objects, dim)`` vectors (row ``i`` is object ``idx ==
+        i``), and per object its bbox, tag, score, raw tag and true group."""
+        n = len(vectors)
+        if self.matrix is not None:
+            self.matrix[self.row : self.row + n] = vectors
+        else:
+            path = self.emb_root / username / "embeddings" / f"{image_name}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, vectors)
+        columns = self._columns
+        for j in range(n):
+            columns["batch_folder"].append(batch_folder)
+            columns["username"].append(username)
+            columns["res_name"].append(f"{image_name}.json")
+            columns["bbox"].append(json.dumps(bboxes[j]))
+            columns["tag"].append(str(tags[j]))
+            columns["score"].append(scores[j])
+            columns["idx"].append(j)
+            columns["image_name"].append(image_name)
+            columns["raw_tag"].append(raw_tags[j])
+        self._truth.append(np.asarray(truth))
+        self.row += n
+
+    def end_user(self) -> None:
+        """Append the current user's rows to the CSV."""
+        table = pa.table(self._columns)
+        if self._writer is None:
+            self._writer = pacsv.CSVWriter(str(self.csv_path), table.schema)
+        self._writer.write_table(table)
+        self._columns = {name: [] for name in CSV_COLUMNS}
+
+    def close(self) -> Path:
+        """Close the CSV and write ``truth.parquet``; returns its path."""
+        assert self._writer is not None, "no user was written"
+        self._writer.close()
+        if self.matrix is not None:
+            self.matrix.flush()
+        truth = np.concatenate(self._truth)
+        path = self.root / "truth.parquet"
+        pq.write_table(
+            pa.table({"source_row": np.arange(len(truth), dtype=np.int64), "true_cluster": truth}),
+            path,
+        )
+        return path
+
+
 def make_demo_dataset(
     root: str | Path,
     n_objects: int = 61_751,
@@ -299,9 +391,7 @@ def make_demo_dataset(
         if matrix_path is not None
         else None
     )
-    truth_rows: list[np.ndarray] = []
-    writer: pacsv.CSVWriter | None = None
-    row = 0
+    out = DatasetWriter(root, matrix)
     # Pictures are drawn by worker processes while this one draws vectors; their seeds come
     # from the image names, so the vectors' random stream is the same with or without them.
     drawer = _ImageDrawer() if img_root is not None else None
@@ -316,13 +406,6 @@ def make_demo_dataset(
             style = rng.standard_normal(dim, dtype=np.float32) * np.float32(
                 style_scale / np.sqrt(dim)
             )
-            columns: dict[str, list] = {
-                name: []
-                for name in (
-                    "batch_folder", "username", "res_name", "bbox", "tag", "score", "idx",
-                    "image_name", "raw_tag",
-                )
-            }  # fmt: skip
             user_images: list[ImageJob] = []
             for i, n_in_image in enumerate(_split_into_images(rng, int(sizes[u]))):
                 image_name = hashlib.md5(f"{seed}-{u}-{i}".encode()).hexdigest()
@@ -341,64 +424,39 @@ def make_demo_dataset(
                 noise *= (noise_scale / np.sqrt(dim)).astype(np.float32)[:, None]
                 vectors = np.where(outlier[:, None], 0.0, centres[np.maximum(clusters_arr, 0)])
                 vectors = (vectors + style + noise).astype(np.float32)
-                if matrix is not None:
-                    matrix[row : row + n_in_image] = vectors
-                else:
-                    path = emb_root / username / "embeddings" / f"{image_name}.npy"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    np.save(path, vectors)
-                bboxes = []
+                bboxes, tags, scores, raw_tags = [], [], [], []
                 for j in range(n_in_image):
                     w, h = rng.uniform(40, 160, 2)
                     x1, y1 = rng.uniform(0, IMAGE_PX - w), rng.uniform(0, IMAGE_PX - h)
-                    bbox = [float(x1), float(y1), float(x1 + w), float(y1 + h)]
-                    bboxes.append(bbox)
+                    bboxes.append([float(x1), float(y1), float(x1 + w), float(y1 + h)])
                     c = int(clusters_arr[j])
                     own = c >= 0 and rng.random() < 0.9
                     tag = cluster_tag[c] if own else TAGS[rng.integers(len(TAGS))]
-                    columns["batch_folder"].append(batch_folder)
-                    columns["username"].append(username)
-                    columns["res_name"].append(f"{image_name}.json")
-                    columns["bbox"].append(json.dumps(bbox))
-                    columns["tag"].append(str(tag))
-                    columns["score"].append(round(float(rng.uniform(0.3, 1.0)), 2))
-                    columns["idx"].append(j)
-                    columns["image_name"].append(image_name)
-                    raw_tag = f"{tag}|{TAGS[(TAGS.index(str(tag)) + 1) % len(TAGS)]}"
-                    columns["raw_tag"].append(raw_tag)
+                    tags.append(str(tag))
+                    scores.append(round(float(rng.uniform(0.3, 1.0)), 2))
+                    raw_tags.append(f"{tag}|{TAGS[(TAGS.index(str(tag)) + 1) % len(TAGS)]}")
+                out.add_image(username, batch_folder, image_name, vectors, bboxes, tags, scores,
+                              raw_tags, clusters_arr)  # fmt: skip
                 if img_root is not None:
                     image_path = str(img_root / username / f"{image_name}.jpg")
                     user_images.append((image_path, bboxes, clusters_arr.tolist()))
-                truth_rows.append(clusters_arr)
-                row += n_in_image
             if drawer is not None:
                 drawer.submit(user_images)
-            table = pa.table(columns)
-            if writer is None:
-                writer = pacsv.CSVWriter(str(csv_path), table.schema)
-            writer.write_table(table)
+            out.end_user()
         if drawer is not None:
             drawer.finish()
     finally:
         if drawer is not None:
             drawer.cancel()
-    assert writer is not None
-    writer.close()
-    if matrix is not None:
-        matrix.flush()
-        del matrix
-    truth = np.concatenate(truth_rows)
-    pq.write_table(
-        pa.table({"source_row": np.arange(len(truth), dtype=np.int64), "true_cluster": truth}),
-        root / "truth.parquet",
-    )
+    truth_path = out.close()
+    del matrix, out
     return DemoDataset(
         root=root,
         objects_csv=csv_path,
         embeddings_root=emb_root,
         embeddings_matrix=matrix_path,
         images_root=img_root,
-        truth=root / "truth.parquet",
+        truth=truth_path,
         n_objects=n_objects,
         dim=dim,
     )

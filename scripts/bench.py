@@ -11,6 +11,8 @@ write-up's method. It also prints the machine's bound for one assignment pass.
     scripts/bench --rows 61751                 # the write-up's scale (with sklearn KMeans)
     scripts/bench --rows 1000000 --methods writeup,ours
     scripts/bench --setting hard               # the harder generator setting
+    scripts/bench --dataset bench/real/NAME --k 40   # an existing dataset with truth.parquet
+                                               # (e.g. from scripts/real_embeddings.py)
 
 For each method it also prints the reviewer's table: the method's assignment through the
 write-up's post-processing (rows kept, kept clusters, purity of kept clusters and true
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 METHODS = ("read_files", "writeup", "writeup3", "ours", "ours_euclidean", "ours_cosine",
-           "ours_parallel", "ours_euclidean_parallel", "mbk3", "faiss", "faiss_sph",
+           "ours_parallel", "ours_euclidean_parallel", "ours_auto", "mbk3", "faiss", "faiss_sph",
            "sklearn")  # fmt: skip
 LABELS = {
     "read_files": "read the .npy files once",
@@ -46,13 +48,14 @@ LABELS = {
     "ours_cosine": "ours, metric cosine",
     "ours_parallel": "ours, default metric, train.strategy parallel",
     "ours_euclidean_parallel": "ours, metric euclidean, train.strategy parallel",
+    "ours_auto": "ours, default metric, n_clusters auto",
     "mbk3": "shuffled MiniBatchKMeans, batch 1024, 3 epochs",
     "faiss": "faiss Kmeans, 20 iter",
     "faiss_sph": "faiss Kmeans(spherical), L2-normalised rows, 20 iter",
     "sklearn": "sklearn KMeans, 20 iter",
 }
-#: Methods that fit in the cosine metric (no Euclidean inertia shown).
-COSINE_METHODS = {"ours_cosine", "faiss_sph", "ours_parallel"}
+#: Methods that fit in the cosine metric (no Euclidean inertia shown; ours_auto: the default).
+COSINE_METHODS = {"ours_cosine", "faiss_sph", "ours_parallel", "ours_auto"}
 #: Slow or in-memory anchors: run once whatever --repeats says.
 RUN_ONCE = {"sklearn", "faiss", "faiss_sph", "mbk3"}
 #: Generator settings (pipeline.synthetic.make_demo_dataset knobs); "demo" is the demo.
@@ -146,12 +149,18 @@ def _ours_config(data: Path, out: Path, train: dict):
 
 
 def worker_ours(
-    data: Path, out: Path, args, metric: str | None = None, strategy: str | None = None
+    data: Path,
+    out: Path,
+    args,
+    metric: str | None = None,
+    strategy: str | None = None,
+    n_clusters: int | str | None = None,
 ) -> None:
     from pipeline import sinks
     from pipeline.runner import run
 
-    train = {"n_clusters": args.k, "seed": args.seed, **({"metric": metric} if metric else {})}
+    train = {"n_clusters": n_clusters or args.k, "seed": args.seed,
+             **({"metric": metric} if metric else {})}  # fmt: skip
     strategy = strategy or getattr(args, "strategy", None)
     if strategy:
         train["strategy"] = strategy
@@ -291,6 +300,7 @@ WORKERS = {
     "ours_cosine": lambda d, o, a: worker_ours(d, o, a, "cosine"),
     "ours_parallel": lambda d, o, a: worker_ours(d, o, a, None, "parallel"),
     "ours_euclidean_parallel": lambda d, o, a: worker_ours(d, o, a, "euclidean", "parallel"),
+    "ours_auto": lambda d, o, a: worker_ours(d, o, a, n_clusters="auto"),
     "mbk3": worker_mbk3,
     "faiss": worker_faiss,
     "faiss_sph": lambda d, o, a: worker_faiss(d, o, a, spherical=True),
@@ -335,7 +345,10 @@ def run_worker(
 
 
 def prepare_data(args) -> Path:
-    """Generate the dataset and the write-up's memmap (CSV order) once per size."""
+    """Generate the dataset and the write-up's memmap (CSV order) once per size.
+
+    With ``--dataset`` the given folder is used as it is (it must hold ``truth.parquet``);
+    ``args.rows``, ``args.dim`` and ``args.true_k`` are then read from it."""
     from pipeline.catalog import Catalog
     from pipeline.config import Config
     from pipeline.ingest import ingest_objects
@@ -345,7 +358,11 @@ def prepare_data(args) -> Path:
     knobs = SETTINGS[args.setting]
     suffix = "" if args.setting == "demo" else f"-{args.setting}"
     data = Path(args.root) / f"rows{args.rows}-d{args.dim}-k{args.true_k}-s{args.seed}{suffix}"
-    if not (data / "truth.parquet").exists():
+    if args.dataset:
+        data = Path(args.dataset).resolve()
+        if not (data / "truth.parquet").exists():
+            raise SystemExit(f"--dataset {data}: no truth.parquet (source_row, true_cluster)")
+    elif not (data / "truth.parquet").exists():
         print(f"generating {args.rows:,} x {args.dim} ({args.setting}: {knobs}) under {data} ...",
               flush=True)  # fmt: skip
         make_demo_dataset(data, args.rows, args.dim, args.true_k, seed=args.seed, **knobs)
@@ -369,6 +386,13 @@ def prepare_data(args) -> Path:
         os.replace(result.memmap, data / "embeddings.f32")
         shutil.rmtree(data / "_ingest")
         (data / "memmap.json").write_text(json.dumps({"rows": result.n_rows, "dim": result.dim}))
+    if args.dataset:
+        import pyarrow.parquet as pq
+
+        meta = json.loads((data / "memmap.json").read_text())
+        args.rows, args.dim = meta["rows"], meta["dim"]
+        truth = pq.read_table(data / "truth.parquet").column("true_cluster").to_numpy()
+        args.true_k = int(np.unique(truth[truth >= 0]).size)
     return data
 
 
@@ -396,6 +420,7 @@ def quality(data: Path, out: Path, k: int, euclidean: bool = True) -> dict:
 
     x = _memmap(data)
     centres = np.load(out / "centres.npy")
+    k = len(centres)  # the chosen k where n_clusters is auto
     norms = kernels.row_sq_norms(centres)
     inertia = (
         sum(
@@ -418,6 +443,7 @@ def quality(data: Path, out: Path, k: int, euclidean: bool = True) -> dict:
         "ari": adjusted_rand_score(truth, labels),
         "nmi": normalized_mutual_info_score(truth, labels),
         "sim_share": float((sims > 0.7).mean()),
+        "k": k,
         **reviewer_table(labels, sims, truth, images, k),
     }
 
@@ -503,6 +529,11 @@ def main() -> None:
     parser.add_argument(
         "--strategy", choices=("sequential", "parallel"), help="train.strategy for our runs"
     )
+    parser.add_argument(
+        "--dataset", help="an existing dataset folder in the input layout with truth.parquet "
+        "(e.g. from scripts/real_embeddings.py): benchmark it instead of a generated one; "
+        "--rows, --dim and --true-k are read from it",
+    )  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -516,6 +547,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     data = prepare_data(args)
+    # Runs and results are filed under the setting's name, or the dataset's folder name.
+    args.label = Path(args.dataset).resolve().name if args.dataset else args.setting
     if args.cores:
         compare_cores(data, args, [int(c) for c in args.cores.split(",")])
         return
@@ -530,7 +563,7 @@ def main() -> None:
         runs = []
         for r in range(repeats):
             timings, peak = run_worker(
-                method, data, Path(args.root) / "runs" / args.setting / method / str(r), args
+                method, data, Path(args.root) / "runs" / args.label / method / str(r), args
             )
             runs.append((timings, peak))
             print(f"  {method} run {r + 1}/{repeats}: {json.dumps({k: round(v, 2) for k, v in timings.items()})} "
@@ -539,7 +572,7 @@ def main() -> None:
         med = {key: statistics.median(t[key] for t, _ in runs) for key in keys}
         peak = statistics.median(p for _, p in runs)
         q = (
-            quality(data, Path(args.root) / "runs" / args.setting / method / "0", args.k,
+            quality(data, Path(args.root) / "runs" / args.label / method / "0", args.k,
                     euclidean=method not in COSINE_METHODS)
             if method != "read_files"
             else {}
@@ -622,12 +655,15 @@ def print_table(rows: dict, args, rate: float, pass_flop: float) -> None:
     base = rows.get("writeup")
     base_fp = base["t"]["fit"] + base["t"]["predict"] if base else None
     passes = {"writeup": 2, "writeup3": 4, "ours": 2, "ours_euclidean": 2, "ours_cosine": 2,
-              "ours_parallel": 2, "ours_euclidean_parallel": 2,
+              "ours_parallel": 2, "ours_euclidean_parallel": 2, "ours_auto": 2,
               "mbk3": 4, "faiss": 21, "faiss_sph": 21, "sklearn": 21}  # fmt: skip
 
     def label(method: str) -> str:
         default = method == f"ours_{default_metric}"
-        return f"**{LABELS[method]}** (default)" if default else LABELS[method]
+        name = LABELS[method]
+        if method == "ours_auto" and "k" in rows[method]:
+            name += f" (chose k = {rows[method]['k']})"
+        return f"**{name}** (default)" if default else name
 
     # The reviewer's table: what survives the write-up's post-processing.
     header = ("method", "rows kept", "kept clusters", "purity of kept", "true groups leading a kept cluster",
@@ -668,7 +704,12 @@ def print_table(rows: dict, args, rate: float, pass_flop: float) -> None:
             f"{fp / base_fp if base_fp else float('nan'):.2f}x | {fp / bound:.1f}x | {row['peak']:.0f} |"
         )
     knobs = SETTINGS[args.setting]
-    text = (f"**{args.setting} setting** ({knobs or 'the demo generator'}): {args.rows:,} rows x "
+    what = (
+        f"**dataset {args.label}**"
+        if args.dataset
+        else f"**{args.setting} setting** ({knobs or 'the demo generator'})"
+    )
+    text = (f"{what}: {args.rows:,} rows x "
             f"{args.dim} dims, {args.true_k} true groups, k = {args.k}\n\n"
             + "\n".join(review) + "\n\n" + "\n".join(lines))  # fmt: skip
     notes = (f"\nReviewer columns: each method's assignment through the write-up's post-processing "
@@ -683,7 +724,7 @@ def print_table(rows: dict, args, rate: float, pass_flop: float) -> None:
              f"the in-memory methods = loading the matrix into RAM. Inertia (Euclidean fits only) is "
              f"{'relative to sklearn KMeans' if ref_inertia else 'absolute (no sklearn run)'}.")  # fmt: skip
     print("\n" + text + notes)
-    out = Path(args.root) / f"results-{args.rows}-{args.setting}.md"
+    out = Path(args.root) / f"results-{args.rows}-{args.label}.md"
     out.write_text(text + "\n" + notes + "\n")
     print(f"\nwritten to {out}")
 
