@@ -22,6 +22,7 @@ from typing import NoReturn
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .. import schema, sinks, store
 from ..catalog import Catalog
@@ -237,6 +238,43 @@ class _Staging:
     workers: Executor | None
 
 
+class _PathList:
+    """A list of paths streamed to a one-column Parquet file in row groups of a fixed size,
+    so its bytes do not depend on how the reads were batched (local or on workers)."""
+
+    ROWS = 1 << 16
+    SCHEMA = pa.schema([("path", pa.string())])
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pending: list[str] = []
+
+    def __enter__(self) -> _PathList:
+        self._atomic = store.atomic_path(self.url)
+        fs, path = store.filesystem(self._atomic.__enter__())
+        self._handle = fs.open(path, "wb")
+        self._writer = pq.ParquetWriter(self._handle, self.SCHEMA)
+        return self
+
+    def extend(self, paths) -> None:
+        self.pending.extend(paths)
+        while len(self.pending) >= self.ROWS:
+            self._write(self.pending[: self.ROWS])
+            del self.pending[: self.ROWS]
+
+    def _write(self, paths: list[str]) -> None:
+        self._writer.write_table(pa.table({"path": pa.array(paths, pa.string())}, self.SCHEMA))
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None and self.pending:
+                self._write(self.pending)
+            self._writer.close()
+            self._handle.close()
+        finally:
+            self._atomic.__exit__(*exc)
+
+
 def uses_workers(settings: IngestConfig, executor: Executor | None, staging: str) -> bool:
     """Whether the embeddings are read on the workers (``ingest.on_workers``)."""
     has_workers = executor is not None and executor.client is not None
@@ -324,45 +362,42 @@ def _ingest(
         files = FileGroups(candidates, input)
         dim = settings.dim or infer_dim(files)
 
-    if staging.workers is not None:
-        emb_reasons, emb_details, read_paths, locations = read_on_workers(
-            staging.workers, candidates, None if input.embeddings_matrix else files,
-            input.embeddings_matrix, dim, staging.parts,
-            effective_chunk_rows(settings.chunk_rows, len(candidates)),
-        )  # fmt: skip
-    else:
-        memmap = open_memmap(staging.memmap, len(candidates), dim)
-        if input.embeddings_matrix:
-            emb_reasons, emb_details = fill_memmap_from_matrix(candidates, matrix, memmap, progress)
-            read_paths = []  # one matrix: no per-image files
-        else:
-            read_paths = []
-            emb_reasons, emb_details = fill_memmap_from_files(
-                recording_paths(files.batches(FILES_PER_TASK), read_paths),
-                len(files), len(candidates), memmap, dim, progress,
+    # The files the CSV names, listed as they are read: what a rerun fingerprints to
+    # notice a changed input (none for a matrix).
+    with _PathList(catalog.embedding_files) as read_paths:
+        if staging.workers is not None:
+            emb_reasons, emb_details, locations = read_on_workers(
+                staging.workers, candidates, None if input.embeddings_matrix else files,
+                input.embeddings_matrix, dim, staging.parts,
+                effective_chunk_rows(settings.chunk_rows, len(candidates)), read_paths,
             )  # fmt: skip
-        memmap.flush()
+        else:
+            memmap = open_memmap(staging.memmap, len(candidates), dim)
+            if input.embeddings_matrix:
+                emb_reasons, emb_details = fill_memmap_from_matrix(
+                    candidates, matrix, memmap, progress
+                )
+            else:
+                emb_reasons, emb_details = fill_memmap_from_files(
+                    recording_paths(files.batches(FILES_PER_TASK), read_paths),
+                    len(files), len(candidates), memmap, dim, progress,
+                )  # fmt: skip
+            memmap.flush()
     if not input.embeddings_matrix:
         del files  # it shares columns with the table
-    # The files the CSV names: what a rerun fingerprints to notice a changed input.
-    sinks.write_parquet(
-        pa.table({"path": pa.array(read_paths, pa.string())}), catalog.embedding_files,
-        pa.schema([("path", pa.string())]),
-    )  # fmt: skip
-    del read_paths
 
     late = rejects_frame(candidates[schema.SOURCE_ROW], candidates, emb_reasons, emb_details)
     rejects = pd.concat([rejects, late], ignore_index=True)
     rejects = rejects.sort_values(schema.SOURCE_ROW, kind="stable", ignore_index=True)
     raise_on_bad_object(settings, csv_path, rejects)
-    good = emb_reasons == ""
-    objects = candidates if good.all() else candidates[good]
-    del candidates
-    n_rows = len(objects)
+    good_ids = np.flatnonzero(emb_reasons == "")  # object ids are candidate positions
+    del emb_reasons, emb_details
+    n_rows = len(good_ids)
     if n_rows == 0:
         _fail_with_no_objects(csv_path, rejects, catalog)
     permutation = np.random.default_rng(shuffle_seed).permutation(n_rows)
-    store_ids = objects[schema.OBJECT_ID].to_numpy()[permutation]
+    store_ids = good_ids[permutation]
+    del good_ids, permutation
     chunk_rows = effective_chunk_rows(settings.chunk_rows, n_rows)
     attrs = {
         "n_rows": n_rows,
@@ -373,8 +408,9 @@ def _ingest(
         "config": (metadata or {}).get("config", {}),
         "versions": sinks.package_versions(),
     }
-    sinks.write_object_parts(objects, store_ids, catalog.objects, chunk_rows, progress)
-    del objects  # the table is written: free it before the vectors' buffers are taken
+    # Taken from the candidates by id (no copy of the good rows: they are most of them).
+    sinks.write_object_parts(candidates, store_ids, catalog.objects, chunk_rows, progress)
+    del candidates  # the table is written: free it before the vectors' buffers are taken
     pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory
     if staging.workers is not None:
         write_on_workers(staging.workers, locations, store_ids, catalog.store, dim, chunk_rows,

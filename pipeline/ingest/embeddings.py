@@ -175,6 +175,27 @@ def _user_folder_template(template: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class FileBatch:
+    """The read jobs of a run of files, as a few arrays (one path per file, one position
+    and row per object) instead of one object per file."""
+
+    paths: list[str]
+    user_dirs: list[str]
+    positions: np.ndarray
+    idx: np.ndarray
+    bounds: np.ndarray  # file f's objects are [bounds[f], bounds[f + 1])
+    root: str
+
+    def jobs(self) -> list[_FileJob]:
+        b = self.bounds.tolist()
+        return [
+            _FileJob(path, user_dir, self.positions[b[f] : b[f + 1]], self.idx[b[f] : b[f + 1]],
+                     self.root)
+            for f, (path, user_dir) in enumerate(zip(self.paths, self.user_dirs, strict=True))
+        ]  # fmt: skip
+
+
 class FileGroups:
     """The embedding files of the objects, grouped without one Python object per file.
 
@@ -198,29 +219,31 @@ class FileGroups:
     def __len__(self) -> int:
         return len(self.starts) - 1
 
-    def jobs(self, first: int, last: int) -> list[_FileJob]:
-        """Read jobs of files ``first`` to ``last - 1``."""
+    def batch(self, first: int, last: int) -> FileBatch:
+        """Files ``first`` to ``last - 1``, compactly (what a read task is sent)."""
         rows = self.order[self.starts[first] : self.starts[last]]
         part = self.objects.take(rows)
-        positions, idx = part["object_id"].to_numpy(), part["idx"].to_numpy()
         heads = (self.starts[first:last] - self.starts[first]).tolist()
         columns = [part[key].to_numpy(dtype=object)[heads] for key in self.keys]
-        bounds = [*heads, len(rows)]
         root = f"{self.root}/"
-        jobs = []
-        for g, values in enumerate(zip(*columns, strict=True)):
+        paths, user_dirs = [], []
+        for values in zip(*columns, strict=True):
             fields = dict(zip(self.keys, values, strict=True))
             user = self.user_template.format_map(fields) if self.user_template else ""
-            jobs.append(
-                _FileJob(
-                    path=root + self.template.format_map(fields),
-                    user_dir=root + user if user else "",
-                    positions=positions[bounds[g] : bounds[g + 1]],
-                    idx=idx[bounds[g] : bounds[g + 1]],
-                    root=self.real_root,
-                )
-            )
-        return jobs
+            paths.append(root + self.template.format_map(fields))
+            user_dirs.append(root + user if user else "")
+        return FileBatch(
+            paths=paths,
+            user_dirs=user_dirs,
+            positions=part["object_id"].to_numpy(),
+            idx=part["idx"].to_numpy(),
+            bounds=np.array([*heads, len(rows)], dtype=np.int64),
+            root=self.real_root,
+        )
+
+    def jobs(self, first: int, last: int) -> list[_FileJob]:
+        """Read jobs of files ``first`` to ``last - 1``."""
+        return self.batch(first, last).jobs()
 
     def batches(self, files_per_batch: int) -> Iterator[list[_FileJob]]:
         for first in range(0, len(self), files_per_batch):
@@ -287,10 +310,8 @@ def bounded_map(pool: ThreadPoolExecutor, fn, items: Iterator, ahead: int) -> It
         yield pending.popleft().result()
 
 
-def recording_paths(
-    batches: Iterator[list[_FileJob]], paths: list[str]
-) -> Iterator[list[_FileJob]]:
-    """Pass ``batches`` through, appending each file's path to ``paths``."""
+def recording_paths(batches: Iterator[list[_FileJob]], paths) -> Iterator[list[_FileJob]]:
+    """Pass ``batches`` through, handing each file's path to ``paths.extend``."""
     for batch in batches:
         paths.extend(job.path for job in batch)
         yield batch

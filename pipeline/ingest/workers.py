@@ -19,8 +19,10 @@ task a dead worker left half done is simply run again with the same result.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import zarr
 
 from .. import store
 from ..executor import Executor
-from .embeddings import FileGroups, _FileJob, check_vectors, load_batch
+from .embeddings import FileBatch, FileGroups, check_vectors, load_batch
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,9 @@ def _save_part(path: str, vectors: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def read_files_part(jobs: list[_FileJob], dim: int, path: str) -> tuple[np.ndarray, list]:
+def read_files_part(batch: FileBatch, dim: int, path: str) -> tuple[np.ndarray, list]:
     """Read task: load and check a batch of files, save the good vectors at ``path``."""
-    positions, vectors, problems = load_batch(jobs, dim)
+    positions, vectors, problems = load_batch(batch.jobs(), dim)
     _save_part(path, vectors)
     return positions, problems
 
@@ -114,6 +116,15 @@ def _task_bounds(counts_before: np.ndarray, target_rows: int) -> list[tuple[int,
     return bounds
 
 
+def in_waves(executor: Executor, tasks: Iterator, desc: str) -> Iterator:
+    """Compute lazily made ``tasks`` a wave at a time, yielding results in order: the
+    client holds one wave's arguments (file lists, row ids), not the whole input's."""
+    wave = min(max(16, 2 * executor.n_cores), 128)
+    while batch := list(itertools.islice(tasks, wave)):
+        results = executor.compute(*batch, desc=desc)
+        yield from [results] if len(batch) == 1 else results
+
+
 def read_on_workers(
     executor: Executor,
     candidates: pd.DataFrame,
@@ -122,49 +133,48 @@ def read_on_workers(
     dim: int,
     parts_dir: str,
     task_rows: int,
-) -> tuple[np.ndarray, np.ndarray, list[str], Locations]:
-    """The read pass. Returns the reason and detail per candidate ('' = good), the
-    embedding files in read order (empty for a matrix) and where each good row lies."""
+    read_paths,
+) -> tuple[np.ndarray, np.ndarray, Locations]:
+    """The read pass, tasks of about ``task_rows`` objects. Returns the reason and detail
+    per candidate ('' = good) and where each good row lies; the embedding files go to
+    ``read_paths.extend`` in read order (none for a matrix)."""
     n = len(candidates)
     reasons = np.full(n, "", dtype=object)
     details = np.full(n, "", dtype=object)
     file_of = np.full(n, -1, dtype=np.int32)
     row_of = np.full(n, -1, dtype=np.int64)
-    read_paths: list[str] = []
     if matrix_path is not None:
         source = candidates["source_row"].to_numpy()
         starts = range(0, n, task_rows)
-        tasks = [dask.delayed(check_matrix_rows, pure=False)(matrix_path, source[a : a + task_rows])
-                 for a in starts]  # fmt: skip
-        results = executor.compute(*tasks, desc="ingest: check rows")
-        for a, (good, problems) in zip(starts, _as_list(results, len(tasks)), strict=True):
+        tasks = (dask.delayed(check_matrix_rows, pure=False)(matrix_path, source[a : a + task_rows])
+                 for a in starts)  # fmt: skip
+        for a, (good, problems) in zip(starts, in_waves(executor, tasks, "ingest: check rows"),
+                                       strict=True):  # fmt: skip
             file_of[a + good] = 0
             row_of[a + good] = source[a + good]
             for offsets, why, detail in problems:
                 reasons[a + offsets], details[a + offsets] = why, detail
-        return reasons, details, read_paths, Locations([matrix_path], file_of, row_of)
+        return reasons, details, Locations([matrix_path], file_of, row_of)
 
     assert files is not None
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
     bounds = _task_bounds(files.starts, task_rows)
     part_paths = [os.path.join(parts_dir, f"part-{i:06d}.npy") for i in range(len(bounds))]
-    tasks = []
-    for (first, last), path in zip(bounds, part_paths, strict=True):
-        jobs = files.jobs(first, last)
-        read_paths.extend(job.path for job in jobs)
-        tasks.append(dask.delayed(read_files_part, pure=False)(jobs, dim, path))
-    results = executor.compute(*tasks, desc="ingest: read embeddings")
-    for i, (positions, problems) in enumerate(_as_list(results, len(tasks))):
+
+    def tasks() -> Iterator:
+        for (first, last), path in zip(bounds, part_paths, strict=True):
+            batch = files.batch(first, last)
+            read_paths.extend(batch.paths)
+            yield dask.delayed(read_files_part, pure=False)(batch, dim, path)
+
+    for i, (positions, problems) in enumerate(
+        in_waves(executor, tasks(), "ingest: read embeddings")
+    ):
         file_of[positions] = i
         row_of[positions] = np.arange(len(positions))
         for bad_positions, why, detail in problems:
             reasons[bad_positions], details[bad_positions] = why, detail
-    return reasons, details, read_paths, Locations(part_paths, file_of, row_of)
-
-
-def _as_list(results, n: int) -> list:
-    """``Executor.compute`` returns one result bare, several as a tuple."""
-    return [results] if n == 1 else list(results)
+    return reasons, details, Locations(part_paths, file_of, row_of)
 
 
 def write_on_workers(
@@ -181,18 +191,21 @@ def write_on_workers(
     n_rows = len(store_ids)
     with store.atomic_path(url) as tmp:
         store.create_store(tmp, n_rows, dim, chunk_rows, compression, attrs)
-        tasks = []
-        for start in range(0, n_rows, chunk_rows):
-            ids = store_ids[start : start + chunk_rows]
-            files, rows = locations.file[ids], locations.row[ids]
-            order = np.argsort(files, kind="stable")
-            cuts = np.flatnonzero(np.diff(files[order])) + 1
-            groups = [
-                (locations.paths[int(files[slots[0]])], rows[slots], slots)
-                for slots in np.split(order, cuts)
-            ]
-            tasks.append(dask.delayed(write_chunk, pure=False)(tmp, start, ids, groups))
-        executor.compute(*tasks, desc="ingest: write zarr")
+
+        def tasks() -> Iterator:
+            for start in range(0, n_rows, chunk_rows):
+                ids = store_ids[start : start + chunk_rows]
+                files, rows = locations.file[ids], locations.row[ids]
+                order = np.argsort(files, kind="stable")
+                cuts = np.flatnonzero(np.diff(files[order])) + 1
+                groups = [
+                    (locations.paths[int(files[slots[0]])], rows[slots], slots)
+                    for slots in np.split(order, cuts)
+                ]
+                yield dask.delayed(write_chunk, pure=False)(tmp, start, ids, groups)
+
+        for _ in in_waves(executor, tasks(), "ingest: write zarr"):
+            pass
 
 
 def remove_parts(parts_dir: str) -> None:
