@@ -601,7 +601,10 @@ def test_filters_sorting_gallery_and_pages_in_the_browser(report_run, tab):
     assert "postprocess.min_" in page.inner_text("#rescue")
     assert load_all_images(page) == []
     page.screenshot(path=str(ARTIFACTS / "report-cluster-removed.png"), full_page=True)
-    page.click("#member-pages a >> nth=0")
+    page.click("#member-pages a >> nth=0")  # its removed members, page 1 (by the script)
+    n_members = int(removed.iloc[0]["size"])
+    assert page.locator("#members-grid .card").count() == min(n_members, report.MEMBERS_PER_PAGE)
+    assert f"of {n_members:,}" in page.inner_text("#member-page-title")
     assert load_all_images(page) == []
     # Members without a thumbnail show their source image, cropped to a visible box.
     crops = page.evaluate(

@@ -308,7 +308,7 @@ def write_report(
                         {"cluster": oc, "state": states[oc].state, "cos": views.fmt_float(cos),
                          "cos_raw": views.raw(float(cos)), "size_final": int(orec["size_final"]),
                          "tags": orec["dominant_tags"],
-                         "crops": catalogue.crops(picks.get(oc, views.Picks()).top[:4], 56, "../")}
+                         "strip": catalogue.strip(oc, 4, 56, "../")}
                     )  # fmt: skip
             rescue: list[str] = []
             if state.state == "removed":

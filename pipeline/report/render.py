@@ -23,13 +23,16 @@ def environment():
     """The package's template environment (autoescape on for every template)."""
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
-    return Environment(
+    env = Environment(
         loader=PackageLoader("pipeline.report", "templates"),
         autoescape=True,
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    # The member cards' JSON (|tojson, still HTML-safe): compact, in the records' order.
+    env.policies["json.dumps_kwargs"] = {"sort_keys": False, "separators": (",", ":")}
+    return env
 
 
 def render(template: str, **context) -> str:
@@ -91,6 +94,7 @@ class Catalogue:
 
     members: dict[int, dict] = field(default_factory=dict)
     picks: dict[int, views.Picks] = field(default_factory=dict)
+    _strips: dict[tuple, Markup] = field(default_factory=dict, repr=False)
 
     def of(self, ids) -> list[dict]:
         return [self.members[i] for i in ids if i in self.members]
@@ -109,6 +113,17 @@ class Catalogue:
             else:
                 out.append({"src": None, "tag": m["tag"], "alt": alt})
         return out
+
+    def strip(self, cluster: int, n: int, size: int, prefix: str = "") -> Markup:
+        """The crops of a cluster's ``n`` most similar members, laid out once by the
+        ``crop_strip`` macro (autoescaped) and reused wherever the cluster is listed (each
+        cluster is among the nearest of several others)."""
+        key = (cluster, n, size, prefix)
+        if key not in self._strips:
+            top = self.picks.get(cluster, views.Picks()).top[:n]
+            macros = environment().get_template("_macros.html").module
+            self._strips[key] = macros.crop_strip(self.crops(top, size, prefix))
+        return self._strips[key]
 
 
 # --------------------------------------------------------------------------- index
