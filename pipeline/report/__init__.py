@@ -11,8 +11,9 @@ templates (autoescape on); :mod:`.thumbnails` crops the pictures. Layout::
                                  centres, size x cosine, groups, funnel, top/tail, histograms
       gallery.html               one tile of the most similar members per cluster
       clusters/<c>.html          verdict (and the setting that would keep a removed cluster),
-                                 sizes, health, nearest clusters, top / weakest kept / removed
-      clusters/<c>-kept-<p>.html, <c>-removed-<p>.html   every member, 100 a page, by cosine
+                                 sizes, health, nearest clusters, top / weakest kept / removed,
+                                 and every member (JSON once; ``#kept-<p>``, ``#removed-<p>``:
+                                 100 a page, by cosine, laid out by the page's script)
       thumbs/<object>-<key>.jpg  crops of the members the overview pages show
       report.css, report.js      copied from the package's ``static/``
 

@@ -2,8 +2,8 @@
 
 Made only for the members the overview pages show (see :func:`pipeline.report.views.thumbnail_ids`),
 in a thread pool, one decode per source image. A thumbnail whose source, box and size are
-unchanged is reused from the previous report instead of being redrawn. Deeper member pages
-show :func:`source_crop`: the source image itself, cropped by the page's script (no decode here).
+unchanged is reused from the previous report instead of being redrawn. Every other member
+card shows :func:`source_crop`: the source image itself, cropped by the page's script (no decode here).
 """
 
 from __future__ import annotations
