@@ -89,19 +89,26 @@ class Tables(HTMLParser):
             self._table = None
 
 
-def members_of(text: str) -> dict[str, list[dict]]:
-    """The member cards of a page, by grid (the JSON its script lays out)."""
-    if 'id="members-data"' not in text:
+def json_block(text: str, block_id: str):
+    """The JSON of the page's ``<script type="application/json" id=block_id ...>``."""
+    marker = f'<script type="application/json" id="{block_id}"'
+    if marker not in text:
         return {}
-    block = text.split('<script type="application/json" id="members-data">')[1]
+    block = text.split(marker)[1].split(">", 1)[1]
     return json.loads(block.split("</script>")[0])
 
 
-GRIDS = ("samples-top", "samples-weakest", "samples-removed", "members-grid")
+def members_of(text: str) -> dict[str, list[dict]]:
+    """The member cards of a page (the JSON its script lays out): by grid, and every
+    member (``kept``, ``removed``: what the member pages of the cluster page show)."""
+    return {**json_block(text, "members-data"), **json_block(text, "all-members")}
+
+
+GRIDS = ("samples-top", "samples-weakest", "samples-removed")
 
 
 def shown_objects(text: str) -> list[int]:
-    """The members a page shows, in page order."""
+    """The members a page shows at its top, in page order."""
     grids = members_of(text)
     return [m["id"] for name in GRIDS for m in grids.get(name, [])]
 
@@ -185,14 +192,13 @@ def test_cluster_pages_show_sizes_and_every_member(report_run):
         assert shown[:n_top] == top[schema.OBJECT_ID].tolist()[:n_top], c
         weakest = kept[schema.OBJECT_ID].tolist()[-report.WEAKEST_KEPT :]
         assert shown[n_top : n_top + len(weakest)] == weakest, c
-        # Every member on exactly one member page, kept and removed apart, by cosine.
+        # Every member on the page's member pages (its script shows them 100 a page),
+        # kept and removed apart, by cosine, each page linked.
+        every = members_of(text)
         for kind, part in (("kept", kept), ("removed", removed)):
-            on_pages = []
+            assert [m["id"] for m in every[kind]] == part[schema.OBJECT_ID].tolist(), (c, kind)
             for p in range(1, views.page_count(len(part), report.MEMBERS_PER_PAGE) + 1):
-                page = folder / views.member_page_name(c, kind, p)
-                on_pages += shown_objects(page.read_text(encoding="utf-8"))
-                assert views.member_page_name(c, kind, p) in text
-            assert on_pages == part[schema.OBJECT_ID].tolist(), (c, kind)
+                assert f'href="#{views.member_page_anchor(kind, p)}"' in text
         if state == "removed":
             assert "Removed:" in text and "removed:" in text
             assert 'id="rescue"' in text and "postprocess.min_" in text
@@ -382,6 +388,17 @@ def test_picks_by_hand():
     assert picks[0].strip(4) == [1, 0, 3, 4]
 
 
+def test_user_mixes_equal_user_mix_of_each_cluster():
+    rng = np.random.default_rng(3)
+    clusters = rng.integers(0, 40, 3000)
+    users = np.array([f"u{u}" for u in rng.integers(0, 25, 3000)], dtype=object)
+    users[::97] = None  # missing users are not counted
+    mixes = views.user_mixes(clusters, users)
+    for c in np.unique(clusters):
+        counts = pd.Series(users[clusters == c]).value_counts()
+        assert mixes.get(int(c), []) == views.user_mix(counts), c
+
+
 def test_rescue_settings_by_hand():
     # 6 members after dedupe, 2 above 0.7: size rule and similarity rule both removed it.
     sims = np.array([0.9, 0.8, 0.69, 0.65, 0.6, 0.3])
@@ -412,11 +429,16 @@ def test_template_escapes_hostile_values():
     from pipeline.report import render
 
     site = render.Site(root="<script>alert(1)</script>", model="m", report_id="r")
-    html = render.render("members.html", title="<b>", prefix="../", site=site, cluster=1,
-                         state="whole", kind="kept", grids={"members-grid": []}, page=1, pages=1, first=1,
-                         last=0, total=0, prev=None, next=None)  # fmt: skip
+    tile = {"cluster": 1, "state": "whole", "tag": "<img src=x onerror=alert(2)>", "size": 3,
+            "size_final": 3, "mean_sim": "0.9", "members": [
+                {"src": None, "tag": "<b>tag</b>", "alt": "<i>alt</i>"}]}  # fmt: skip
+    html = render.render("gallery.html", title="<b>", prefix="", site=site, tiles=[tile],
+                         n_crops=9, tags=[("<u>", 1)], state_counts=[])  # fmt: skip
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
     assert "<title>&lt;b&gt;</title>" in html
+    for hostile in ("<img src=x", "<b>tag</b>", "<i>alt</i>", "<u>"):
+        assert hostile not in html
+    assert "&lt;img src=x onerror=alert(2)&gt;" in html
 
 
 # --------------------------------------------------------------------------- browser
@@ -579,7 +601,10 @@ def test_filters_sorting_gallery_and_pages_in_the_browser(report_run, tab):
     assert "postprocess.min_" in page.inner_text("#rescue")
     assert load_all_images(page) == []
     page.screenshot(path=str(ARTIFACTS / "report-cluster-removed.png"), full_page=True)
-    page.click("#member-pages a >> nth=0")
+    page.click("#member-pages a >> nth=0")  # its removed members, page 1 (by the script)
+    n_members = int(removed.iloc[0]["size"])
+    assert page.locator("#members-grid .card").count() == min(n_members, report.MEMBERS_PER_PAGE)
+    assert f"of {n_members:,}" in page.inner_text("#member-page-title")
     assert load_all_images(page) == []
     # Members without a thumbnail show their source image, cropped to a visible box.
     crops = page.evaluate(

@@ -11,8 +11,9 @@ templates (autoescape on); :mod:`.thumbnails` crops the pictures. Layout::
                                  centres, size x cosine, groups, funnel, top/tail, histograms
       gallery.html               one tile of the most similar members per cluster
       clusters/<c>.html          verdict (and the setting that would keep a removed cluster),
-                                 sizes, health, nearest clusters, top / weakest kept / removed
-      clusters/<c>-kept-<p>.html, <c>-removed-<p>.html   every member, 100 a page, by cosine
+                                 sizes, health, nearest clusters, top / weakest kept / removed,
+                                 and every member (JSON once; ``#kept-<p>``, ``#removed-<p>``:
+                                 100 a page, by cosine, laid out by the page's script)
       thumbs/<object>-<key>.jpg  crops of the members the overview pages show
       report.css, report.js      copied from the package's ``static/``
 
@@ -160,21 +161,38 @@ def _model_fingerprint(catalog: Catalog) -> str:
         return "none"
 
 
-def _cluster_histograms(ordered: pd.DataFrame) -> dict[int, dict[str, np.ndarray]]:
-    """The cosine histogram (all and kept members) of every cluster."""
-    sim = np.clip(ordered["sim"].to_numpy(dtype=np.float64), -1.0, 1.0)
-    bins = np.clip(np.searchsorted(SIM_BIN_EDGES, sim, side="right") - 1, 0, len(SIM_BIN_EDGES) - 2)
-    kept = (ordered[schema.STATUS] == schema.STATUS_KEPT).to_numpy()
-    clusters = ordered["cluster"].to_numpy()
-    out: dict[int, dict[str, np.ndarray]] = {}
-    n_bins = len(SIM_BIN_EDGES) - 1
-    for c in np.unique(clusters):
-        mask = clusters == c
-        out[int(c)] = {
-            "all": np.bincount(bins[mask], minlength=n_bins),
-            "kept": np.bincount(bins[mask & kept], minlength=n_bins),
+class _ClusterColumns:
+    """The columns of :func:`views.order_members`' table the cluster pages need, as arrays,
+    and each cluster's rows as a slice (the table is sorted by cluster)."""
+
+    def __init__(self, ordered: pd.DataFrame) -> None:
+        self.cluster = ordered["cluster"].to_numpy(dtype=np.int64)
+        self.ids = ordered[schema.OBJECT_ID].to_numpy(dtype=np.int64)
+        status = ordered[schema.STATUS].to_numpy(dtype=object)
+        self.kept = status == schema.STATUS_KEPT
+        self.duplicate = status == schema.STATUS_DUPLICATE
+        self.sim = ordered["sim"].to_numpy(dtype=np.float64)
+        clipped = np.clip(self.sim, -1.0, 1.0)
+        self.bins = np.clip(
+            np.searchsorted(SIM_BIN_EDGES, clipped, side="right") - 1, 0, len(SIM_BIN_EDGES) - 2
+        )
+        uniq, starts = np.unique(self.cluster, return_index=True)
+        ends = np.append(starts[1:], len(self.cluster))
+        self._spans = {
+            int(c): slice(int(a), int(b)) for c, a, b in zip(uniq, starts, ends, strict=True)
         }
-    return out
+
+    def span(self, cluster: int) -> slice:
+        return self._spans.get(cluster, slice(0, 0))
+
+    def histogram(self, span: slice) -> dict[str, np.ndarray]:
+        """The cosine histogram (all and kept members) of one cluster's rows."""
+        n_bins = len(SIM_BIN_EDGES) - 1
+        bins = self.bins[span]
+        return {
+            "all": np.bincount(bins, minlength=n_bins),
+            "kept": np.bincount(bins[self.kept[span]], minlength=n_bins),
+        }
 
 
 def write_report(
@@ -221,16 +239,24 @@ def write_report(
     )
     groups = _load_groups(catalog, groups_file)
     pp = postprocess
-    with _report_folder(catalog.report) as (folder, previous):
-        thumbs, stats = make_thumbnails(
-            overview_rows, input, report.thumbnail_px, folder / "thumbs",
+    states = {int(r["cluster"]): cluster_state(r) for r in summary.to_dict("records")}
+    removed = {c for c, st in states.items() if st.state == "removed"}
+    with _report_folder(catalog.report) as (folder, previous), ThreadPoolExecutor(1) as bg:
+        # The thumbnails (decodes, mostly outside the GIL) are drawn in the background
+        # while the rest of what the pages need is computed here.
+        thumbs_job = bg.submit(
+            make_thumbnails, overview_rows, input, report.thumbnail_px, folder / "thumbs",
             previous / "thumbs" if previous else None, n_workers,
         )  # fmt: skip
-        rest = ordered[~ordered[schema.OBJECT_ID].isin(set(thumbs))]
-        page_dir = os.path.join(os.path.abspath(catalog.report), "clusters")
-        crops = source_urls(rest, input, page_dir) if store.is_local(catalog.report) else {}
-        states = {int(r["cluster"]): cluster_state(r) for r in summary.to_dict("records")}
-        removed = {c for c, st in states.items() if st.state == "removed"}
+        try:
+            page_dir = os.path.join(os.path.abspath(catalog.report), "clusters")
+            local = store.is_local(catalog.report)
+            sources = source_urls(ordered, input, page_dir) if local else {}
+            columns = _ClusterColumns(ordered)
+            mixes = views.user_mixes(columns.cluster, ordered["username"].to_numpy(dtype=object))
+        finally:
+            thumbs, stats = thumbs_job.result()
+        crops = {i: url for i, url in sources.items() if i not in thumbs}
         catalogue = render.Catalogue(
             members=render.member_records(ordered, thumbs, crops, removed), picks=picks
         )
@@ -247,35 +273,31 @@ def write_report(
         )
         pages = folder / "clusters"
         pages.mkdir()
-        histograms = _cluster_histograms(ordered)
-        by_cluster = {int(c): part for c, part in ordered.groupby("cluster", sort=False)}
-        user_counts = ordered.groupby(["cluster", "username"], sort=False).size()
-        users_of = {int(c): part.droplevel(0) for c, part in user_counts.groupby(level=0)}
-        empty = ordered.iloc[:0]
         group_of = groups.get("group_of", {})
         n_pages = 0
         summary_records = summary.to_dict("records")
         for i, rec in enumerate(summary_records):
             c = int(rec["cluster"])
             state = states[c]
-            members = by_cluster.get(c, empty)
-            member_ids = members[schema.OBJECT_ID].astype(int).to_numpy()
-            is_kept = (members[schema.STATUS] == schema.STATUS_KEPT).to_numpy()
+            span = columns.span(c)
+            member_ids = columns.ids[span].tolist()
+            is_kept = columns.kept[span].tolist()
+            by_kind = {
+                "kept": [m for m, k in zip(member_ids, is_kept, strict=True) if k],
+                "removed": [m for m, k in zip(member_ids, is_kept, strict=True) if not k],
+            }
             pager = []
-            for kind, chosen in (("kept", member_ids[is_kept]), ("removed", member_ids[~is_kept])):
-                n_kind = views.page_count(len(chosen), MEMBERS_PER_PAGE)
+            for kind, chosen in by_kind.items():
                 links = []
-                for p in range(1, n_kind + 1):
+                for p in range(1, views.page_count(len(chosen), MEMBERS_PER_PAGE) + 1):
                     first = (p - 1) * MEMBERS_PER_PAGE
-                    part = chosen[first : first + MEMBERS_PER_PAGE]
-                    name = views.member_page_name(c, kind, p)
-                    links.append({"file": name, "label": f"{first + 1}–{first + len(part)}"})
-                    text = render.render_member_page(
-                        site, c, state.state, kind, catalogue.of(part.tolist()), p, n_kind,
-                        first + 1, len(chosen),
-                    )  # fmt: skip
-                    (pages / name).write_text(text, encoding="utf-8")
-                    n_pages += 1
+                    last = min(len(chosen), first + MEMBERS_PER_PAGE)
+                    links.append(
+                        {
+                            "anchor": views.member_page_anchor(kind, p),
+                            "label": f"{first + 1}–{last}",
+                        }
+                    )
                 pager.append((kind, len(chosen), links))
             nearest = []
             if int(rec["size"]) > 0:
@@ -288,35 +310,32 @@ def write_report(
                         {"cluster": oc, "state": states[oc].state, "cos": views.fmt_float(cos),
                          "cos_raw": views.raw(float(cos)), "size_final": int(orec["size_final"]),
                          "tags": orec["dominant_tags"],
-                         "crops": catalogue.crops(picks.get(oc, views.Picks()).top[:4], 56, "../")}
+                         "strip": catalogue.strip(oc, 4, 56, "../")}
                     )  # fmt: skip
             rescue: list[str] = []
             if state.state == "removed":
-                deduped = members[members[schema.STATUS] != schema.STATUS_DUPLICATE]
-                rescue = views.rescue_settings(
-                    deduped["sim"].to_numpy(), pp.min_similarity, pp.min_cluster_size
-                )
+                sims = columns.sim[span][~columns.duplicate[span]]
+                rescue = views.rescue_settings(sims, pp.min_similarity, pp.min_cluster_size)
             histogram = views.similarity_chart(
-                histograms.get(c, {"all": np.zeros(100), "kept": np.zeros(100)}),
-                pp.min_similarity, "Cosine to the centre", small=True,
-            )  # fmt: skip
-            mix = views.user_mix(users_of.get(c, pd.Series(dtype="int64")))
+                columns.histogram(span), pp.min_similarity, "Cosine to the centre", small=True
+            )
             prev_c = int(summary_records[i - 1]["cluster"]) if i > 0 else None
             next_c = (
                 int(summary_records[i + 1]["cluster"]) if i + 1 < len(summary_records) else None
             )
+            members = {kind: catalogue.of(chosen) for kind, chosen in by_kind.items()}
             text = render.render_cluster_page(
-                site, rec, catalogue, pp, (prev_c, next_c), nearest, mix, histogram, rescue,
-                pager, group_of.get(c),
+                site, rec, catalogue, pp, (prev_c, next_c), nearest, mixes.get(c, []), histogram,
+                rescue, pager, group_of.get(c), members, MEMBERS_PER_PAGE,
             )  # fmt: skip
             (pages / f"{c}.html").write_text(text, encoding="utf-8")
             n_pages += 1
         n_files, n_bytes = _folder_bytes(folder)
     seconds = time.perf_counter() - start
     log.info(
-        "report: %d cluster pages and %d member pages, %d thumbnails made, %d reused, "
+        "report: %d cluster pages (every member, %d a page), %d thumbnails made, %d reused, "
         "%d source crops, in %.1f s; %d files, %.1f MiB: %s",
-        len(ids), n_pages - len(ids), stats.made, stats.reused, len(crops), seconds, n_files,
+        len(ids), MEMBERS_PER_PAGE, stats.made, stats.reused, len(crops), seconds, n_files,
         n_bytes / 2**20, catalog.report_index,
     )  # fmt: skip
     return ReportResult(catalog.report_index, len(ids), stats, seconds, n_pages + 2, n_bytes)

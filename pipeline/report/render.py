@@ -23,13 +23,16 @@ def environment():
     """The package's template environment (autoescape on for every template)."""
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
-    return Environment(
+    env = Environment(
         loader=PackageLoader("pipeline.report", "templates"),
         autoescape=True,
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    # The member cards' JSON (|tojson, still HTML-safe): compact, in the records' order.
+    env.policies["json.dumps_kwargs"] = {"sort_keys": False, "separators": (",", ":")}
+    return env
 
 
 def render(template: str, **context) -> str:
@@ -91,6 +94,7 @@ class Catalogue:
 
     members: dict[int, dict] = field(default_factory=dict)
     picks: dict[int, views.Picks] = field(default_factory=dict)
+    _strips: dict[tuple, Markup] = field(default_factory=dict, repr=False)
 
     def of(self, ids) -> list[dict]:
         return [self.members[i] for i in ids if i in self.members]
@@ -109,6 +113,17 @@ class Catalogue:
             else:
                 out.append({"src": None, "tag": m["tag"], "alt": alt})
         return out
+
+    def strip(self, cluster: int, n: int, size: int, prefix: str = "") -> Markup:
+        """The crops of a cluster's ``n`` most similar members, laid out once by the
+        ``crop_strip`` macro (autoescaped) and reused wherever the cluster is listed (each
+        cluster is among the nearest of several others)."""
+        key = (cluster, n, size, prefix)
+        if key not in self._strips:
+            top = self.picks.get(cluster, views.Picks()).top[:n]
+            macros = environment().get_template("_macros.html").module
+            self._strips[key] = macros.crop_strip(self.crops(top, size, prefix))
+        return self._strips[key]
 
 
 # --------------------------------------------------------------------------- index
@@ -364,10 +379,13 @@ def render_cluster_page(
     rescue: list[str],
     member_pages: list[tuple[str, int, list[dict]]],
     group: str | None,
+    members: dict[str, list[dict]] | None = None,
+    per_page: int = 100,
 ) -> str:
     """One cluster's page: verdict and rescue, sizes after each step, health, nearest
-    clusters, the most similar, weakest kept and least similar removed members, and the
-    links to every member's page."""
+    clusters, the most similar, weakest kept and least similar removed members, and every
+    member (``members``: the cards of the kept and of the removed ones, by cosine), which
+    the page's script shows ``per_page`` at a time (``member_pages``: the pager's links)."""
     c = int(rec["cluster"])
     state = views.cluster_state(rec)
     picks = catalogue.picks.get(c, views.Picks())
@@ -400,39 +418,10 @@ def render_cluster_page(
             "samples-removed": catalogue.of(picks.removed_tail),
         },
         "member_pages": member_pages,
+        "members": members or {"kept": [], "removed": []},
+        "per_page": per_page,
     }
     return render(
         "cluster.html", title=f"Cluster {c}", prefix="../", site=site, c=context,
         prev=neighbours[0], next=neighbours[1],
     )  # fmt: skip
-
-
-def render_member_page(
-    site: Site,
-    cluster: int,
-    state: str,
-    kind: str,
-    members: list[dict],
-    page: int,
-    pages: int,
-    first: int,
-    total: int,
-) -> str:
-    """One page of a cluster's kept or removed members, by cosine."""
-    return render(
-        "members.html",
-        title=f"Cluster {cluster}: {kind} members, page {page}",
-        prefix="../",
-        site=site,
-        cluster=cluster,
-        state=state,
-        kind=kind,
-        grids={"members-grid": members},
-        page=page,
-        pages=pages,
-        first=first,
-        last=first + len(members) - 1,
-        total=total,
-        prev=views.member_page_name(cluster, kind, page - 1) if page > 1 else None,
-        next=views.member_page_name(cluster, kind, page + 1) if page < pages else None,
-    )

@@ -2,8 +2,8 @@
 
 Made only for the members the overview pages show (see :func:`pipeline.report.views.thumbnail_ids`),
 in a thread pool, one decode per source image. A thumbnail whose source, box and size are
-unchanged is reused from the previous report instead of being redrawn. Deeper member pages
-show :func:`source_crop`: the source image itself, cropped by the page's script (no decode here).
+unchanged is reused from the previous report instead of being redrawn. Every other member
+card shows :func:`source_crop`: the source image itself, cropped by the page's script (no decode here).
 """
 
 from __future__ import annotations
@@ -279,7 +279,8 @@ def source_urls(rows: pd.DataFrame, cfg: InputConfig, page_dir: str) -> dict[int
     the members shown without a thumbnail (the page's script crops it to the box).
 
     Only for a local ``images_root``: each image is checked once (a regular file that
-    resolves inside the root, as for thumbnails), never decoded here.
+    resolves inside the root, as for thumbnails), from one ``scandir`` per folder (a
+    ``stat`` only for a link), never decoded here.
     """
     from urllib.parse import quote
 
@@ -298,25 +299,51 @@ def source_urls(rows: pd.DataFrame, cfg: InputConfig, page_dir: str) -> dict[int
     except (KeyError, IndexError, ValueError):
         return {}  # a template the fields cannot fill: make_thumbnails has warned
     base = Path(os.path.relpath(root, page_dir)).as_posix()
+    listings: dict[str, dict[str, int] | None] = {}
     checked: dict[str, str | None] = {}
     out: dict[int, str] = {}
     for object_id, relative in zip(rows[schema.OBJECT_ID].tolist(), relatives, strict=True):
         url = checked.get(relative, "")
         if url == "":
+            source = os.path.abspath(store.join(root, relative))
+            folder, name = os.path.split(source)
+            if folder not in listings:
+                listings[folder] = _folder_listing(folder, real_root)
+            listing = listings[folder]
             url = None
-            source = store.join(root, relative)
-            folder = store._real_folder(os.path.dirname(os.path.abspath(source)))
-            try:
-                mode = os.lstat(source).st_mode if store._inside(folder, real_root) else 0
-                if stat.S_ISLNK(mode):  # a link: only when it resolves inside the root
+            kind = None if listing is None else listing.get(name)
+            if kind == _LINK:  # a link: only when it resolves inside the root
+                try:
                     real = os.path.realpath(source)
-                    inside = store._inside(real, real_root)
-                    mode = os.stat(real).st_mode if inside else 0
-                if stat.S_ISREG(mode):
-                    url = quote(f"{base}/{relative}")
-            except (OSError, ValueError):  # ValueError: a NUL in a name
-                pass
+                    if store._inside(real, real_root) and stat.S_ISREG(os.stat(real).st_mode):
+                        kind = _FILE
+                except (OSError, ValueError):  # ValueError: a NUL in a name
+                    pass
+            if kind == _FILE:
+                url = quote(f"{base}/{relative}")
             checked[relative] = url
         if url is not None:
             out[int(object_id)] = url
     return out
+
+
+_FILE, _LINK = 1, 2
+
+
+def _folder_listing(folder: str, real_root: str) -> dict[str, int] | None:
+    """The regular files (``_FILE``) and links (``_LINK``) of a folder that resolves inside
+    ``real_root``, by name, from one ``scandir`` (no ``stat`` per file); ``None`` for a
+    folder outside the root or that cannot be listed."""
+    try:
+        if not store._inside(store._real_folder(folder), real_root):
+            return None
+        out: dict[str, int] = {}
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    out[entry.name] = _LINK
+                elif entry.is_file(follow_symlinks=False):
+                    out[entry.name] = _FILE
+        return out
+    except (OSError, ValueError):
+        return None

@@ -212,14 +212,15 @@ def page_count(n: int, per_page: int) -> int:
     return -(-n // per_page)
 
 
-def member_page_name(cluster: int, kind: str, page: int) -> str:
-    """The file (under ``clusters/``) of page ``page`` (1-based) of a cluster's ``kind``
-    (``kept`` or ``removed``) members.
+def member_page_anchor(kind: str, page: int) -> str:
+    """The anchor (on the cluster's page, whose script lays the page out from the page's
+    data) of page ``page`` (1-based) of a cluster's ``kind`` (``kept`` or ``removed``)
+    members.
 
-    >>> member_page_name(12, "kept", 2)
-    '12-kept-2.html'
+    >>> member_page_anchor("kept", 2)
+    'kept-2'
     """
-    return f"{cluster}-{kind}-{page}.html"
+    return f"{kind}-{page}"
 
 
 def rescue_settings(
@@ -284,6 +285,34 @@ def user_mix(counts: pd.Series, n: int = 4) -> list[tuple[str, int, float]]:
                 int(rest.sum()) / total,
             )
         )
+    return out
+
+
+def user_mixes(clusters: np.ndarray, users: np.ndarray, n: int = 4) -> dict[int, list]:
+    """:func:`user_mix` of every cluster at once, from each member's cluster and user (one
+    sort instead of a pandas series per cluster; missing users are not counted).
+
+    >>> user_mixes(np.array([1, 1, 1, 2]), np.array(["a", "b", "a", None], dtype=object), 1)
+    {1: [('a', 2, 0.6666666666666666), ('1 other', 1, 0.3333333333333333)]}
+    """
+    frame = pd.DataFrame({"c": clusters, "u": users})
+    counts = frame.groupby(["c", "u"], sort=False).size()
+    if counts.empty:
+        return {}
+    pairs: dict[int, list[tuple[str, int]]] = {}
+    for (c, u), k in zip(counts.index.tolist(), counts.tolist(), strict=True):
+        if k > 0:
+            pairs.setdefault(int(c), []).append((str(u), int(k)))
+    out: dict[int, list] = {}
+    for c, items in pairs.items():
+        items.sort(key=lambda item: (-item[1], item[0]))
+        total = sum(k for _, k in items)
+        mix = [(u, k, k / total) for u, k in items[:n]]
+        rest = items[n:]
+        if rest:
+            left = sum(k for _, k in rest)
+            mix.append((f"{len(rest)} other{'s' if len(rest) != 1 else ''}", left, left / total))
+        out[c] = mix
     return out
 
 

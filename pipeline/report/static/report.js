@@ -364,5 +364,47 @@
   }, true);
   all('img.src-crop').forEach(function (img) { if (img.complete) { fit(img); } });
 
+  // ------------------------------------------------------------------ every member
+  // A cluster page carries every member's card (JSON, once); '#kept-2' shows the second
+  // page of its kept members, by cosine (the pages are the page's own anchors, so they
+  // work from file:// with nothing fetched).
+  var everyone = document.getElementById('all-members');
+  function showMembers() {
+    var match = /^#(kept|removed)-(\d+)$/.exec(window.location.hash);
+    var box = document.getElementById('member-page');
+    if (!everyone || !box) { return; }
+    if (!match) { box.hidden = true; return; }
+    var members = JSON.parse(everyone.textContent)[match[1]] || [];
+    var per = Number(everyone.dataset.perPage) || 100;
+    var pages = Math.max(1, Math.ceil(members.length / per));
+    var page = Math.min(Math.max(1, Number(match[2])), pages);
+    var first = (page - 1) * per;
+    var part = members.slice(first, first + per);
+    document.getElementById('member-page-title').textContent = match[1] + ' members ' +
+      (part.length ? (first + 1) + '–' + (first + part.length) : '0') + ' of ' +
+      members.length.toLocaleString('en') + ' (page ' + page + ' of ' + pages + ')';
+    var pager = document.getElementById('member-pager');
+    pager.textContent = '';
+    function link(p, text, rel) {
+      var a = el('a', '', text);
+      a.href = '#' + match[1] + '-' + p;
+      a.rel = rel;
+      pager.appendChild(a);
+    }
+    if (page > 1) { link(page - 1, '← previous', 'prev'); }
+    pager.appendChild(document.createTextNode(' page ' + page + ' of ' + pages + ' '));
+    if (page < pages) { link(page + 1, 'next →', 'next'); }
+    box.hidden = false;
+    var grid = document.getElementById('members-grid');
+    grid.textContent = '';
+    var frag = document.createDocumentFragment();
+    part.forEach(function (m) { frag.appendChild(card(m)); });
+    grid.appendChild(frag);
+    refresh();
+    box.scrollIntoView();
+  }
+  window.addEventListener('hashchange', showMembers);
+
   refresh();
+  showMembers();
 })();
