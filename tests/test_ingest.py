@@ -1,9 +1,11 @@
 import json
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import zarr
 from hypothesis import given, settings
@@ -308,4 +310,26 @@ def test_streamed_validation_equals_the_whole_table_checks(tmp_path, block_bytes
     assert candidates["source_row"].tolist() == np.flatnonzero(~bad).tolist()
     pd.testing.assert_frame_equal(
         candidates.drop(columns="source_row"), expected, check_dtype=False
+    )
+
+
+@pytest.mark.parametrize("rows_per_group", [7, 1 << 16])
+def test_path_list_bytes_do_not_depend_on_batching(tmp_path, monkeypatch, rows_per_group):
+    """The list of files read is the same file whether reads came in batches of 64 files
+    (local) or of a task's files (workers)."""
+    from pipeline.ingest import _PathList
+
+    monkeypatch.setattr(_PathList, "ROWS", rows_per_group)
+    paths = [f"root/user{i % 13}/img{i}.npy" for i in range(100)]
+    written = {}
+    for batch in (1, 5, 64, 100):
+        url = str(tmp_path / f"paths-{batch}.parquet")
+        with _PathList(url) as sink:
+            for start in range(0, len(paths), batch):
+                sink.extend(paths[start : start + batch])
+        written[batch] = Path(url).read_bytes()
+        assert pq.read_table(url)["path"].to_pylist() == paths
+    assert len(set(written.values())) == 1
+    assert pq.ParquetFile(str(tmp_path / "paths-1.parquet")).num_row_groups == -(
+        -100 // rows_per_group
     )
