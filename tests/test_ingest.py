@@ -333,3 +333,14 @@ def test_path_list_bytes_do_not_depend_on_batching(tmp_path, monkeypatch, rows_p
     assert pq.ParquetFile(str(tmp_path / "paths-1.parquet")).num_row_groups == -(
         -100 // rows_per_group
     )
+
+
+@given(st.lists(st.tuples(st.sampled_from(["", "a", "é", "a b", "0"]),
+                          st.sampled_from(["x", "", "x/y", "Ω"])), max_size=60))  # fmt: skip
+@settings(max_examples=60, deadline=None)
+def test_file_grouping_equals_pandas_groupby(rows):
+    from pipeline.ingest.embeddings import group_codes
+
+    frame = pd.DataFrame(rows, columns=["username", "image_name"], dtype="str")
+    expected = frame.groupby(["username", "image_name"], sort=False).ngroup().to_numpy()
+    np.testing.assert_array_equal(group_codes(frame, ["username", "image_name"]), expected)
