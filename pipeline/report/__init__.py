@@ -14,7 +14,7 @@ templates (autoescape on); :mod:`.thumbnails` crops the pictures. Layout::
                                  sizes, health, nearest clusters, top / weakest kept / removed,
                                  and every member (JSON once; ``#kept-<p>``, ``#removed-<p>``:
                                  100 a page, by cosine, laid out by the page's script)
-      thumbs/<object>-<key>.jpg  crops of the members the overview pages show
+      thumbs/<object>-<key>.jpg  crops the overview pages show, of source images > 32 KiB
       report.css, report.js      copied from the package's ``static/``
 
 Picks (clusters ticked into named groups, members excluded) live in the browser's
