@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from pipeline import report, schema, sinks, summarize
 from pipeline.cli import app
-from pipeline.report import views
+from pipeline.report import thumbnails, views
 from pipeline.runner import run
 from pipeline.synthetic import make_demo_dataset
 from tests.conftest import config_for, render_report
@@ -53,6 +53,27 @@ def report_run(image_dataset, tmp_path_factory):
     )  # fmt: skip
     result = run(cfg)
     return cfg, result.catalog
+
+
+@pytest.fixture(scope="module")
+def thumbs_run(report_run, tmp_path_factory):
+    """The report of ``report_run`` rendered again with the larger half of the source
+    images thumbnailed (the rest shown cropped from the source by the page), the
+    thumbnails drawn by worker processes: ``(cfg, catalog, threshold in bytes)``."""
+    from pipeline.catalog import Catalog
+
+    cfg, paths = report_run
+    copy = tmp_path_factory.mktemp("thumbs") / "out"
+    shutil.copytree(paths.root, copy, ignore=shutil.ignore_patterns("report", "embeddings.zarr"))
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(copy)})})
+    sizes = [p.stat().st_size for p in Path(cfg.input.images_root).rglob("*.jpg")]
+    threshold = int(np.median(sizes))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(thumbnails, "SOURCE_CROP_MAX_BYTES", threshold)
+        mp.setattr(thumbnails, "PROCESS_MIN_IMAGES", 1)
+        result = render_report(cfg, n_workers=2)
+    assert result.thumbnails.made > 0
+    return cfg, Catalog.from_config(cfg), threshold
 
 
 class Tables(HTMLParser):
@@ -205,8 +226,9 @@ def test_cluster_pages_show_sizes_and_every_member(report_run):
     assert {"removed", "shrunk"} <= states, "the fixture should cover removed and shrunk clusters"
 
 
-def test_every_link_resolves_and_every_image_exists(report_run):
-    _, paths = report_run
+@pytest.mark.parametrize("run_fixture", ["report_run", "thumbs_run"])
+def test_every_link_resolves_and_every_image_exists(run_fixture, request):
+    paths = request.getfixturevalue(run_fixture)[1]
     folder = Path(paths.report)
     pages = [
         folder / "index.html",
@@ -222,7 +244,7 @@ def test_every_link_resolves_and_every_image_exists(report_run):
             if target:
                 assert (path.parent / target).is_file(), (path.name, link)
         for src in page.images:
-            assert (path.parent / src).is_file(), (path.name, src)
+            assert (path.parent / unquote(src)).is_file(), (path.name, src)
             n_images += 1
         for m in (m for grid in members_of(text).values() for m in grid):
             if "t" in m:
@@ -249,8 +271,8 @@ def test_crop_is_the_bbox_region_by_hand():
     assert (thumb[:, :, 1] == np.arange(20, 68)[:, None]).all()
 
 
-def test_crop_files_are_the_bbox_region_of_the_source_image(report_run):
-    cfg, paths = report_run
+def test_crop_files_are_the_bbox_region_of_the_source_image(thumbs_run):
+    cfg, paths, _ = thumbs_run
     labelled = sinks.read_parquet(paths.postprocessed).set_index(schema.OBJECT_ID)
     folder = Path(paths.report)
     names = sorted((folder / "thumbs").glob("*.jpg"))
@@ -278,16 +300,46 @@ def test_crop_files_are_the_bbox_region_of_the_source_image(report_run):
     assert np.mean(others) > 5 * np.mean(errors)
 
 
-def test_thumbnails_only_for_members_shown_and_reused_on_rerun(report_run):
-    cfg, paths = report_run
+def test_thumbnails_only_for_members_shown_and_reused_on_rerun(thumbs_run, monkeypatch):
+    cfg, paths, threshold = thumbs_run
     folder = Path(paths.report)
     shown = set()
     for page in [folder / "index.html", folder / "gallery.html", *folder.glob("clusters/*.html")]:
         shown.update(src.rsplit("/", 1)[1] for src in read_page(page).images if "thumbs/" in src)
     made = {p.name for p in (folder / "thumbs").glob("*.jpg")}
-    assert made == shown
+    assert made and made == shown
+    monkeypatch.setattr(thumbnails, "SOURCE_CROP_MAX_BYTES", threshold)
     again = render_report(cfg, n_workers=2)
     assert again.thumbnails.made == 0 and again.thumbnails.reused == len(made)
+
+
+def source_of(cfg, row) -> Path:
+    return Path(cfg.input.images_root) / row["username"] / f"{row['image_name']}.jpg"
+
+
+@pytest.mark.parametrize("run_fixture", ["report_run", "thumbs_run"])
+def test_overview_thumbnails_only_of_large_sources(run_fixture, request):
+    # A source image of at most SOURCE_CROP_MAX_BYTES is shown on the overview pages
+    # cropped from itself (a frame of the crop's size, the box for the page's script); a
+    # larger one gets a thumbnail. By default every source of the fixture is small.
+    cfg, paths, *rest = request.getfixturevalue(run_fixture)
+    threshold = rest[0] if rest else thumbnails.SOURCE_CROP_MAX_BYTES
+    labelled = sinks.read_parquet(paths.postprocessed).set_index(schema.OBJECT_ID)
+    folder = Path(paths.report)
+    small = large = 0
+    for page in [folder / "index.html", folder / "gallery.html", *folder.glob("clusters/*.html")]:
+        text = page.read_text(encoding="utf-8")
+        for src in read_page(page).images:
+            if "thumbs/" in src:
+                row = labelled.loc[int(src.rsplit("/", 1)[1].split("-")[0])]
+                assert source_of(cfg, row).stat().st_size > threshold, src
+                large += 1
+            else:
+                source = (page.parent / unquote(src)).resolve()
+                assert source.stat().st_size <= threshold, src
+                small += 1
+                assert f'class="src-crop" src="{src}" data-box="' in text
+    assert small > 0 and (large > 0) == (run_fixture == "thumbs_run")
 
 
 def test_missing_images_root_gives_metadata_cards(report_run, tmp_path, caplog):
@@ -431,12 +483,14 @@ def test_template_escapes_hostile_values():
     site = render.Site(root="<script>alert(1)</script>", model="m", report_id="r")
     tile = {"cluster": 1, "state": "whole", "tag": "<img src=x onerror=alert(2)>", "size": 3,
             "size_final": 3, "mean_sim": "0.9", "members": [
-                {"src": None, "tag": "<b>tag</b>", "alt": "<i>alt</i>"}]}  # fmt: skip
+                {"src": None, "tag": "<b>tag</b>", "alt": "<i>alt</i>"},
+                {"src": '"><script>x()</script>', "w": 9, "h": 9, "alt": "<i>alt</i>",
+                 "box": '1 2"><script>y()</script>'}]}  # fmt: skip
     html = render.render("gallery.html", title="<b>", prefix="", site=site, tiles=[tile],
                          n_crops=9, tags=[("<u>", 1)], state_counts=[])  # fmt: skip
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
     assert "<title>&lt;b&gt;</title>" in html
-    for hostile in ("<img src=x", "<b>tag</b>", "<i>alt</i>", "<u>"):
+    for hostile in ("<img src=x", "<b>tag</b>", "<i>alt</i>", "<u>", "<script>x", "<script>y"):
         assert hostile not in html
     assert "&lt;img src=x onerror=alert(2)&gt;" in html
 
@@ -608,7 +662,7 @@ def test_filters_sorting_gallery_and_pages_in_the_browser(report_run, tab):
     assert load_all_images(page) == []
     # Members without a thumbnail show their source image, cropped to a visible box.
     crops = page.evaluate(
-        "Array.from(document.querySelectorAll('img.src-crop')).map(i => [i.classList.contains("
+        "Array.from(document.querySelectorAll('.card img.src-crop')).map(i => [i.classList.contains("
         "'fitted'), i.parentNode.getBoundingClientRect().height, i.getBoundingClientRect().width])"
     )
     assert crops and all(fitted and h >= 64 and w > 0 for fitted, h, w in crops), crops[:3]
@@ -622,4 +676,37 @@ def test_every_page_loads_cleanly_in_the_browser(report_run, tab):
     for path in sorted(folder.glob("clusters/*.html")):
         page.goto(path.as_uri())
         assert load_all_images(page) == [], path.name
+    assert errors == []
+
+
+#: The overview's crops from source images: [fitted, frame width, frame height, visible
+#: width of the image inside the frame].
+OVERVIEW_CROPS = """Array.from(document.querySelectorAll('.crop-frame img.src-crop')).map(i => {
+  const f = i.parentNode.getBoundingClientRect(), r = i.getBoundingClientRect();
+  return [i.classList.contains('fitted'), f.width, f.height,
+          Math.min(r.right, f.right) - Math.max(r.left, f.left)];
+})"""
+
+
+def test_overview_crops_from_sources_and_thumbnails_in_the_browser(thumbs_run, tab):
+    # Index, gallery and a cluster page (nearest strips) with both kinds of crops: every
+    # image loads, and each source crop fills its frame once fitted by the page's script.
+    page, errors = tab
+    _, paths, _ = thumbs_run
+    folder = Path(paths.report).resolve()
+    summary = sinks.read_parquet(paths.cluster_summary)
+    largest = int(summary.sort_values("size", ascending=False).iloc[0]["cluster"])
+    for path in [
+        folder / "index.html",
+        folder / "gallery.html",
+        folder / "clusters" / f"{largest}.html",
+    ]:
+        page.goto(path.as_uri())
+        assert load_all_images(page) == [], path.name
+        assert page.locator("img[src*='thumbs/']").count() > 0, path.name
+        crops = page.evaluate(OVERVIEW_CROPS)
+        assert crops, path.name
+        for fitted, w, h, seen in crops:
+            assert fitted and w > 0 and h > 0 and seen > 0, (path.name, crops[:3])
+    page.screenshot(path=str(ARTIFACTS / "report-cluster-mixed-crops.png"), full_page=True)
     assert errors == []

@@ -14,7 +14,7 @@ templates (autoescape on); :mod:`.thumbnails` crops the pictures. Layout::
                                  sizes, health, nearest clusters, top / weakest kept / removed,
                                  and every member (JSON once; ``#kept-<p>``, ``#removed-<p>``:
                                  100 a page, by cosine, laid out by the page's script)
-      thumbs/<object>-<key>.jpg  crops of the members the overview pages show
+      thumbs/<object>-<key>.jpg  crops the overview pages show, of source images > 32 KiB
       report.css, report.js      copied from the package's ``static/``
 
 Picks (clusters ticked into named groups, members excluded) live in the browser's
@@ -43,14 +43,16 @@ from ..catalog import K_SWEEP_TABLE, Catalog
 from ..config import InputConfig, PostprocessConfig, ReportConfig
 from ..context import StageContext
 from ..errors import PipelineError
-from . import render, views
+from . import render, thumbnails, views
 from .thumbnails import (
     Thumb,
     ThumbStats,
     crop_box,
     crop_thumbnail,
     make_thumbnails,
+    source_files,
     source_urls,
+    start_thumbnails,
     thumbnail_size,
 )
 from .views import SIM_BIN_EDGES, ClusterState, cluster_state, similarity_counts, size_histogram
@@ -58,7 +60,7 @@ from .views import SIM_BIN_EDGES, ClusterState, cluster_state, similarity_counts
 __all__ = [
     "ReportResult", "write_report", "report_stage", "cluster_state", "ClusterState",
     "crop_box", "crop_thumbnail", "thumbnail_size", "make_thumbnails", "Thumb", "ThumbStats",
-    "source_urls", "SIM_BIN_EDGES", "similarity_counts", "size_histogram", "SAMPLE_COLUMNS",
+    "source_urls", "source_files", "start_thumbnails", "SIM_BIN_EDGES", "similarity_counts", "size_histogram", "SAMPLE_COLUMNS",
 ]  # fmt: skip
 
 log = logging.getLogger("pipeline")
@@ -208,7 +210,8 @@ def write_report(
     Parameters
     ----------
     n_workers : int, default=1
-        Threads reading the table parts and making thumbnails.
+        Threads reading the table parts; worker processes (threads for a few) drawing
+        the thumbnails.
     groups_file : str, default=None
         The reviewer's groups YAML to show (``None``: no groups).
     """
@@ -218,10 +221,10 @@ def write_report(
     ordered = views.order_members(_read_members(catalog.postprocessed, n_workers))
     sim_counts = similarity_counts(ordered)
     picks = views.cluster_picks(ordered, GALLERY_CROPS, WEAKEST_KEPT, report.samples_per_cluster)
-    # Thumbnails only for what the overview and the gallery show; every other member is
-    # cropped from its source image by the page's script (nothing to decode here).
+    # Thumbnails only for what the overview pages show, and there only of large source
+    # images; every other crop is the source image, scaled and clipped by the page's script
+    # (nothing decoded here).
     shown = {i for p in picks.values() for i in p.top + p.weakest_kept[-STRIP_WEAKEST:]}
-    overview_rows = ordered[ordered[schema.OBJECT_ID].isin(shown)]
     ids = summary["cluster"].astype(int).to_numpy()
     try:  # the centre of each summary row (a re-fit's ids need not be 0..k-1)
         row_of = {int(c): i for i, c in enumerate(catalog.read_cluster_ids())}
@@ -241,17 +244,24 @@ def write_report(
     pp = postprocess
     states = {int(r["cluster"]): cluster_state(r) for r in summary.to_dict("records")}
     removed = {c for c, st in states.items() if st.state == "removed"}
-    with _report_folder(catalog.report) as (folder, previous), ThreadPoolExecutor(1) as bg:
-        # The thumbnails (decodes, mostly outside the GIL) are drawn in the background
-        # while the rest of what the pages need is computed here.
-        thumbs_job = bg.submit(
-            make_thumbnails, overview_rows, input, report.thumbnail_px, folder / "thumbs",
+    with _report_folder(catalog.report) as (folder, previous):
+        # Source images (URLs relative to the report's folder), and the sizes of those the
+        # overview shows: one scandir per folder, a stat per shown image, nothing read.
+        local = store.is_local(catalog.report)
+        sources, sizes = (
+            source_files(ordered, input, os.path.abspath(catalog.report), shown)
+            if local else ({}, {})
+        )  # fmt: skip
+        small = {i for i, n in sizes.items() if n <= thumbnails.SOURCE_CROP_MAX_BYTES}
+        ids_col = ordered[schema.OBJECT_ID]
+        to_draw = ordered[ids_col.isin(shown) & ~ids_col.isin(small)]
+        # The thumbnails left (large sources) are drawn by worker processes while the rest
+        # of what the pages need is computed here.
+        thumbs_job = start_thumbnails(
+            to_draw, input, report.thumbnail_px, folder / "thumbs",
             previous / "thumbs" if previous else None, n_workers,
         )  # fmt: skip
         try:
-            page_dir = os.path.join(os.path.abspath(catalog.report), "clusters")
-            local = store.is_local(catalog.report)
-            sources = source_urls(ordered, input, page_dir) if local else {}
             columns = _ClusterColumns(ordered)
             mixes = views.user_mixes(columns.cluster, ordered["username"].to_numpy(dtype=object))
         finally:
@@ -333,10 +343,11 @@ def write_report(
         n_files, n_bytes = _folder_bytes(folder)
     seconds = time.perf_counter() - start
     log.info(
-        "report: %d cluster pages (every member, %d a page), %d thumbnails made, %d reused, "
-        "%d source crops, in %.1f s; %d files, %.1f MiB: %s",
-        len(ids), MEMBERS_PER_PAGE, stats.made, stats.reused, len(crops), seconds, n_files,
-        n_bytes / 2**20, catalog.report_index,
+        "report: %d cluster pages (every member, %d a page), %d thumbnails made, %d reused "
+        "(%d overview crops from small sources), %d source crops, in %.1f s; %d files, "
+        "%.1f MiB: %s",
+        len(ids), MEMBERS_PER_PAGE, stats.made, stats.reused, len(small & crops.keys()),
+        len(crops), seconds, n_files, n_bytes / 2**20, catalog.report_index,
     )  # fmt: skip
     return ReportResult(catalog.report_index, len(ids), stats, seconds, n_pages + 2, n_bytes)
 

@@ -15,7 +15,10 @@ from markupsafe import Markup
 from .. import schema, summarize
 from ..config import PostprocessConfig
 from . import views
-from .thumbnails import Thumb
+from .thumbnails import Thumb, crop_box, thumbnail_size
+
+#: No right or bottom edge: a box clipped at 0 only (the page clips it to the image).
+_NO_EDGE = 2**31
 
 
 @lru_cache(maxsize=1)
@@ -59,7 +62,7 @@ def member_records(
     page's script lays out: ``id``, ``c`` cluster, ``k`` kept, ``s`` status, ``sim``, ``d``
     distance, ``tag``, ``sc`` score, ``u`` user, ``im`` image, ``ix`` idx, ``b`` bbox,
     ``x`` excludable, and ``t`` its thumbnail ``[name, width, height]`` or ``src`` its
-    source image (relative to ``clusters/``).
+    source image (relative to ``clusters/``; ``urls`` are relative to the report's folder).
 
     Kept members can be excluded from a group; so can the members of a removed cluster
     that passed the dedupe step (the rows ``include_removed`` brings in).
@@ -82,7 +85,7 @@ def member_records(
         if thumb is not None:
             record["t"] = [thumb.name, thumb.width, thumb.height]
         elif object_id in urls:
-            record["src"] = urls[object_id]
+            record["src"] = "../" + urls[object_id]
         out[object_id] = record
     return out
 
@@ -101,17 +104,26 @@ class Catalogue:
 
     def crops(self, ids, size: int, prefix: str = "") -> list[dict]:
         """Small crops of ``ids`` for a strip or a tile: ``src``, ``w``, ``h``, ``alt``
-        (scaled so the longer side is ``size``), or ``tag`` alone without a thumbnail."""
+        (scaled so the longer side is ``size``) of the thumbnail, or of the source image
+        with ``box`` (``"x1 y1 x2 y2"``, the page scales and clips it to the box), or
+        ``tag`` alone without either. ``prefix`` leads from the page to the report's folder.
+        """
         out = []
         for m in self.of(ids):
             alt = f"{m['tag']}, object {m['id']}"
+            box = crop_box(m["b"], _NO_EDGE, _NO_EDGE) if "src" in m else None
             if "t" in m:
                 name, w, h = m["t"]
                 scale = size / max(w, h)
                 out.append({"src": f"{prefix}thumbs/{name}", "w": round(w * scale),
-                            "h": round(h * scale), "alt": alt})  # fmt: skip
+                            "h": round(h * scale), "alt": alt, "box": None})  # fmt: skip
+            elif box is not None:
+                w, h = thumbnail_size(box, size)
+                src = prefix + m["src"].removeprefix("../")  # relative to clusters/
+                out.append({"src": src, "w": w, "h": h, "alt": alt,
+                            "box": " ".join(map(str, box))})  # fmt: skip
             else:
-                out.append({"src": None, "tag": m["tag"], "alt": alt})
+                out.append({"src": None, "tag": m["tag"], "alt": alt, "box": None})
         return out
 
     def strip(self, cluster: int, n: int, size: int, prefix: str = "") -> Markup:
