@@ -171,12 +171,40 @@ def read_parquet_part(url: str, part: int) -> pd.DataFrame:
     return read_parquet(f"{url.rstrip('/')}/part-{part:05d}.parquet")
 
 
+class ArrowRows:
+    """``frame.take(rows)`` for a frame of many-chunk Arrow columns (a table read back
+    from an Arrow file), without the cost pandas and Arrow pay there: they concatenate
+    every chunk of every column on each call (~35 ms per string column at 1M rows, and as
+    much memory). Here each record batch takes its own rows, and only those are joined.
+    """
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.batches = pa.Table.from_pandas(frame, preserve_index=False).to_batches()
+        self.offsets = np.cumsum([0, *(len(batch) for batch in self.batches)])
+
+    def __call__(self, rows: np.ndarray) -> pd.DataFrame:
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        cuts = np.searchsorted(ordered, self.offsets)
+        pieces = [
+            batch.take(pa.array(ordered[cuts[i] : cuts[i + 1]] - self.offsets[i]))
+            for i, batch in enumerate(self.batches)
+            if cuts[i + 1] > cuts[i]
+        ]
+        schema = self.batches[0].schema if self.batches else None
+        table = pa.Table.from_batches(pieces, schema).combine_chunks()
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return table.take(pa.array(inverse)).to_pandas()
+
+
 def write_object_parts(
     objects: pd.DataFrame, store_ids: np.ndarray, url: str, chunk_rows: int, progress: bool
 ) -> None:
     """The objects table in store order, one ``part-<chunk>.parquet`` per store chunk, so it
     is row-aligned with the store and its partitions match the store's blocks."""
     object_ids = objects["object_id"].to_numpy()  # increasing: rows are in CSV order
+    take = ArrowRows(objects)
     with atomic_path(url) as tmp:
         fs, tmp_path = filesystem(tmp)
         fs.makedirs(tmp_path, exist_ok=True)
@@ -184,7 +212,7 @@ def write_object_parts(
         def write_part(c: int) -> None:
             ids = store_ids[c * chunk_rows : (c + 1) * chunk_rows]
             write_parquet(
-                objects.take(np.searchsorted(object_ids, ids)),
+                take(np.searchsorted(object_ids, ids)),
                 join(tmp, f"part-{c:05d}.parquet"),
                 schema.OBJECTS_SCHEMA,
             )
