@@ -226,14 +226,28 @@ def cluster_stats(
             "size_after_dedupe": count(status != schema.STATUS_DUPLICATE),
             "size_after_similarity": count(kept | (status == schema.STATUS_SMALL_CLUSTER)),
             "size_final": count(kept),
-            "mean_sim": _group_mean(labelled["sim"], clusters, unsorted),
-            "mean_dist": _group_mean(labelled["dist"], clusters, unsorted),
-            "mean_sim_final": _group_mean(labelled.loc[kept, "sim"], clusters[kept], kept_unsorted),
             "dominant_tags": dominant_tags_by_cluster(clusters, labelled["tag"]),
         }
     )
+    stats = pd.concat([stats, cluster_means(labelled, unsorted, kept_unsorted)], axis=1)
     health = _cluster_health_stats(labelled)
     return pd.concat([stats, health.reindex(stats.index)], axis=1)[list(STATS_COLUMNS)]
+
+
+def cluster_means(
+    labelled: pd.DataFrame, unsorted: bool = False, kept_unsorted: bool = False
+) -> pd.DataFrame:
+    """The mean columns of :func:`cluster_stats` (``mean_sim``, ``mean_dist``,
+    ``mean_sim_final``), indexed by cluster."""
+    clusters = labelled["cluster"]
+    kept = labelled[schema.STATUS] == schema.STATUS_KEPT
+    return pd.DataFrame(
+        {
+            "mean_sim": _group_mean(labelled["sim"], clusters, unsorted),
+            "mean_dist": _group_mean(labelled["dist"], clusters, unsorted),
+            "mean_sim_final": _group_mean(labelled.loc[kept, "sim"], clusters[kept], kept_unsorted),
+        }
+    )
 
 
 def summary_from_stats(
