@@ -284,3 +284,35 @@ def test_stage_outputs_equal_the_in_memory_sort_byte_for_byte(small_dataset, tmp
     # The stage's staging files are gone.
     staging = Path(cat.staging)
     assert not staging.exists() or not list(staging.glob("postprocess-*"))
+
+
+def test_whole_table_order_from_the_blocks_order_infos():
+    # Block 0 holds clusters 0-1, block 1 clusters 2-3; positions are table rows.
+    info = postprocess._order_info
+    ascending = [
+        info(np.array([0, 1, 2]), np.array([0, 0, 1])),
+        info(np.array([3, 5]), np.array([2, 3])),
+    ]
+    assert postprocess._ascending(ascending)
+    assert postprocess._ascending([info(np.array([]), np.array([])), *ascending])
+    # a block's rows out of order, or a later block's row before an earlier block's
+    assert not postprocess._ascending([info(np.array([0, 1]), np.array([1, 0]))])
+    interleaved = [
+        info(np.array([0, 4]), np.array([0, 1])),
+        info(np.array([2, 5]), np.array([2, 3])),
+    ]
+    assert not postprocess._ascending(interleaved)
+
+
+def test_a_failed_stage_leaves_no_staging_files(small_dataset, tmp_path, monkeypatch):
+    cfg = config_for(small_dataset, tmp_path / "out")
+    result = run(cfg, stages=("ingest", "train", "predict"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("render failed")
+
+    monkeypatch.setattr(postprocess, "render_block", broken)
+    with pytest.raises(Exception, match="render failed"):
+        run(cfg, stages=("postprocess",))
+    staging = Path(result.catalog.staging)
+    assert not staging.exists() or not list(staging.glob("postprocess-*"))
