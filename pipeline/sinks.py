@@ -218,3 +218,131 @@ def write_object_parts(
             )
 
         run_chunks(write_part, math.ceil(len(store_ids) / chunk_rows), "ingest: objects", progress)
+
+
+# ----------------------------------------------------------------------------- streamed
+# writers: a large table written piece by piece (post-processing's external sort), with the
+# same bytes as the one-call writers above.
+
+#: Rows per row group of :func:`write_parquet_pieces` (pyarrow's own default is 1,048,576,
+#: which would hold up to that many rows in memory): a file of at most this many rows has
+#: the bytes :func:`write_parquet` gives the whole table.
+PIECES_ROW_GROUP_ROWS = 65_536
+
+
+def csv_bytes(
+    frame: pd.DataFrame, columns: tuple[str, ...], schema: pa.Schema, header: bool
+) -> bytes:
+    """What :func:`write_csv` writes for ``frame``, with or without the header line: the
+    CSV of a table cut into row ranges is the header, then each range's rows."""
+    table = to_table(frame[list(columns)], pa.schema([schema.field(c) for c in columns]))
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(table, sink, pacsv.WriteOptions(quoting_style="needed", include_header=header))
+    return sink.getvalue().to_pybytes()
+
+
+def concat_files(urls: list[str], url: str, head: bytes = b"", block_bytes: int = 1 << 22) -> str:
+    """Write ``head`` then the bytes of every file of ``urls`` in order to ``url``,
+    atomically, a block at a time."""
+    fs, _ = filesystem(url)
+    with atomic_path(url) as tmp:
+        _, tmp_path = filesystem(tmp)
+        with fs.open(tmp_path, "wb") as out:
+            out.write(head)
+            for piece in urls:
+                piece_fs, piece_path = filesystem(piece)
+                with piece_fs.open(piece_path, "rb") as handle:
+                    while block := handle.read(block_bytes):
+                        out.write(block)
+    return url
+
+
+def write_ipc_batches(batches: list[pa.RecordBatch], schema: pa.Schema, url: str) -> str:
+    """An Arrow IPC file holding exactly ``batches`` (empty ones too), so that batch ``i``
+    is read back alone with :func:`read_ipc_batch` (staging files; not atomic)."""
+    fs, path = filesystem(url)
+    with fs.open(path, "wb") as handle, pa.ipc.new_file(handle, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return url
+
+
+def read_ipc_batch(url: str, index: int) -> pa.RecordBatch:
+    """Batch ``index`` of an Arrow IPC file (memory-mapped when local: page cache, not
+    private memory)."""
+    fs, path = filesystem(url)
+    if "file" in fs.protocol or "local" in fs.protocol:
+        with pa.memory_map(path) as source:
+            return pa.ipc.open_file(source).get_batch(index)
+    with fs.open(path, "rb") as handle:
+        return pa.ipc.open_file(pa.BufferReader(handle.read())).get_batch(index)
+
+
+def write_ipc_table(table: pa.Table, url: str) -> str:
+    """One table as an Arrow IPC file (staging; not atomic)."""
+    fs, path = filesystem(url)
+    with fs.open(path, "wb") as handle, pa.ipc.new_file(handle, table.schema) as writer:
+        writer.write_table(table)
+    return url
+
+
+def read_ipc_table(url: str) -> pa.Table:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as handle:
+        return pa.ipc.open_file(pa.BufferReader(handle.read())).read_all()
+
+
+def unify_piece_schemas(schemas: list[pa.Schema]) -> pa.Schema:
+    """The schema of the whole table from the schemas its pieces' conversions from pandas
+    inferred: a carried column all null in one piece is ``null`` there, an integer column
+    with nulls in one piece is ``double`` there (pandas holds it as float), so ``null``
+    gives way to any type and integers to ``double``, as the whole table's conversion
+    would give. The first schema's metadata is kept."""
+    if not schemas:
+        raise ValueError("No schemas to unify.")
+    unified = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
+    fields = []
+    for field in unified:
+        types = {s.field(field.name).type for s in schemas} - {pa.null()}
+        if len(types) > 1 and all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in types):
+            field = field.with_type(pa.float64())
+        fields.append(field)
+    return pa.schema(fields, metadata=schemas[0].metadata)
+
+
+def write_parquet_pieces(
+    pieces: Any,
+    url: str,
+    schema: pa.Schema,
+    run_metadata: dict[str, Any] | None = None,
+    row_group_rows: int = PIECES_ROW_GROUP_ROWS,
+) -> str:
+    """Write the tables ``pieces`` (an iterable, read one at a time) as one Parquet file,
+    atomically, in row groups of ``row_group_rows`` rows cut wherever the pieces end: the
+    file reads back as their concatenation cast to ``schema`` (its metadata then the run's
+    kept), and with no more rows than ``row_group_rows`` it has :func:`write_parquet`'s
+    bytes for that table. Holds at most one row group and one piece in memory."""
+    # The run metadata's key first, as write_parquet's conversion from pandas orders them
+    # (the order is in the file's bytes).
+    run = _with_metadata(pa.schema([]), run_metadata).metadata or {}
+    schema = schema.with_metadata({**run, **(schema.metadata or {}), **run})
+    fs, _ = filesystem(url)
+    with atomic_path(url) as tmp:
+        _, tmp_path = filesystem(tmp)
+        with fs.open(tmp_path, "wb") as handle:
+            with pq.ParquetWriter(handle, schema, compression="zstd") as writer:
+                buffered: list[pa.Table] = []
+                n_buffered = written = 0
+                for piece in pieces:
+                    buffered.append(piece.cast(schema))
+                    n_buffered += piece.num_rows
+                    while n_buffered >= row_group_rows:
+                        table = pa.concat_tables(buffered).combine_chunks()
+                        writer.write_table(table.slice(0, row_group_rows))
+                        written += row_group_rows
+                        rest = table.slice(row_group_rows)
+                        buffered, n_buffered = [rest], rest.num_rows
+                if n_buffered or not written:  # an empty table: as write_parquet writes it
+                    rest = pa.concat_tables(buffered) if buffered else schema.empty_table()
+                    writer.write_table(rest.combine_chunks())
+    return url

@@ -94,32 +94,42 @@ def _cluster_index(n_clusters: int, cluster_ids: np.ndarray | None) -> pd.Index:
     return pd.Index(np.asarray(cluster_ids, np.int64), name="cluster")
 
 
-def cluster_health(
-    labelled: pd.DataFrame, centres: np.ndarray, cluster_ids: np.ndarray | None = None
-) -> pd.DataFrame:
-    """Per cluster: its users, the spread of its cosines, its nearest cluster, and flags.
-
-    Over all members the cluster was assigned (before post-processing): distinct users,
-    the top user (ties: alphabetical) and its share, min / median / mean / standard
-    deviation (ddof 0) of ``sim``; the nearest other centre by cosine; flags
-    ``single_user``, ``sink`` and ``near_duplicate_of`` (see the thresholds above).
-    Row ``i`` of ``centres`` is the cluster ``cluster_ids[i]`` (default ``i``).
-    """
-    ids = _cluster_index(len(centres), cluster_ids)
+def _cluster_health_stats(labelled: pd.DataFrame) -> pd.DataFrame:
+    """The per-cluster part of :func:`cluster_health`, indexed by the clusters present."""
     by = labelled.groupby("cluster")
     users = labelled.groupby(["cluster", "username"]).size().rename("n").reset_index()
     users = users.sort_values(["cluster", "n", "username"], ascending=[True, False, True])
     top = users.drop_duplicates("cluster").set_index("cluster")
-    sizes = by.size().reindex(ids, fill_value=0)
+    sizes = by.size()
     sim = by["sim"]
+    return pd.DataFrame(
+        {
+            "n_users": users.groupby("cluster").size(),
+            "top_user": top["username"],
+            "top_user_share": top["n"] / sizes.reindex(top.index),
+            "sim_min": sim.min(),
+            "sim_median": sim.median(),
+            "sim_std": sim.std(ddof=0),
+        },
+        index=sizes.index,
+    )
+
+
+def _health_from_stats(
+    stats: pd.DataFrame, centres: np.ndarray, cluster_ids: np.ndarray | None
+) -> pd.DataFrame:
+    """:func:`cluster_health` from :func:`cluster_stats` (whose ``size`` and ``mean_sim``
+    give the sink rule)."""
+    ids = _cluster_index(len(centres), cluster_ids)
+    sizes = stats["size"].reindex(ids, fill_value=0).astype("int64")
     health = pd.DataFrame(
         {
-            "n_users": users.groupby("cluster").size().reindex(ids, fill_value=0),
-            "top_user": top["username"].reindex(ids),
-            "top_user_share": (top["n"] / sizes.reindex(top.index)).reindex(ids),
-            "sim_min": sim.min().reindex(ids),
-            "sim_median": sim.median().reindex(ids),
-            "sim_std": sim.std(ddof=0).reindex(ids),
+            "n_users": stats["n_users"].reindex(ids, fill_value=0),
+            "top_user": stats["top_user"].reindex(ids),
+            "top_user_share": stats["top_user_share"].reindex(ids),
+            "sim_min": stats["sim_min"].reindex(ids),
+            "sim_median": stats["sim_median"].reindex(ids),
+            "sim_std": stats["sim_std"].reindex(ids),
         }
     )
     nearest, nearest_cos = centre_neighbours(centres)
@@ -128,7 +138,7 @@ def cluster_health(
     health["nearest_cluster"] = nearest
     health["nearest_cos"] = nearest_cos
     health["single_user"] = (health["top_user_share"] > SINGLE_USER_SHARE).to_numpy()
-    mean_sim = sim.mean().reindex(ids)
+    mean_sim = stats["mean_sim"].reindex(ids)
     alive = sizes > 0
     health["sink"] = (
         (
@@ -142,11 +152,132 @@ def cluster_health(
     duplicate = nearest_cos >= NEAR_DUPLICATE_COS
     health["near_duplicate_of"] = pd.array(np.where(duplicate, nearest, 0), dtype="Int32")
     health.loc[~duplicate, "near_duplicate_of"] = pd.NA
-    health["n_users"] = health["n_users"].astype("int64")
+    health["n_users"] = health["n_users"].fillna(0).astype("int64")
     health["top_user"] = health["top_user"].fillna("").astype(str)
     for column in ("top_user_share", "sim_min", "sim_median", "sim_std", "nearest_cos"):
         health[column] = health[column].astype("float64")
     return health.reset_index(drop=True)
+
+
+def cluster_health(
+    labelled: pd.DataFrame, centres: np.ndarray, cluster_ids: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Per cluster: its users, the spread of its cosines, its nearest cluster, and flags.
+
+    Over all members the cluster was assigned (before post-processing): distinct users,
+    the top user (ties: alphabetical) and its share, min / median / mean / standard
+    deviation (ddof 0) of ``sim``; the nearest other centre by cosine; flags
+    ``single_user``, ``sink`` and ``near_duplicate_of`` (see the thresholds above).
+    Row ``i`` of ``centres`` is the cluster ``cluster_ids[i]`` (default ``i``).
+    """
+    return _health_from_stats(cluster_stats(labelled), centres, cluster_ids)
+
+
+#: The per-cluster columns of :func:`cluster_stats`, in order.
+STATS_COLUMNS = (
+    "size", "size_after_dedupe", "size_after_similarity", "size_final", "mean_sim",
+    "mean_dist", "mean_sim_final", "dominant_tags", "n_users", "top_user", "top_user_share",
+    "sim_min", "sim_median", "sim_std",
+)  # fmt: skip
+
+
+def _group_mean(values: pd.Series, clusters: pd.Series, unsorted: bool) -> pd.Series:
+    """``values.groupby(clusters).mean()``; with ``unsorted``, as pandas computes it when
+    the clusters are not in ascending order even if these are. (pandas takes a fast path
+    for ascending group keys, summing in float64 where its kernel sums float32 in float32,
+    so a mean can differ in the last bit with the order of the *other* groups' rows.)"""
+    keys = clusters.to_numpy()
+    if not (unsorted and len(keys) and is_ascending(keys)):
+        return values.groupby(clusters).mean()
+    sentinel = keys.min() - 1  # one row of a group of its own, last: keys not ascending
+    padded = pd.Series(np.append(values.to_numpy(), values.to_numpy()[:1]))
+    means = padded.groupby(np.append(keys, sentinel)).mean()
+    return means.drop(sentinel).rename_axis(clusters.name).rename(values.name)
+
+
+def is_ascending(clusters: np.ndarray) -> bool:
+    """Whether ``clusters`` never decreases (then pandas groups by its fast path)."""
+    return bool(len(clusters) < 2 or (np.diff(clusters) >= 0).all())
+
+
+def cluster_stats(
+    labelled: pd.DataFrame, unsorted: bool = False, kept_unsorted: bool = False
+) -> pd.DataFrame:
+    """Everything :func:`cluster_summary` needs from the rows, one row per cluster present
+    (indexed by cluster): each value depends only on that cluster's rows (in table order),
+    so the stats of tables that hold disjoint sets of whole clusters concatenate into the
+    stats of their union, and :func:`summary_from_stats` gives the same summary as
+    :func:`cluster_summary` on the whole table. This is how post-processing summarises a
+    table it never holds at once.
+
+    For that, pass ``unsorted`` when the whole table's clusters are not in ascending order
+    and ``kept_unsorted`` when its kept rows' clusters are not (see :func:`_group_mean`):
+    the means are then the whole table's to the last bit, whatever the part's order."""
+    status = labelled[schema.STATUS]
+    clusters = labelled["cluster"]
+
+    def count(mask: pd.Series) -> pd.Series:
+        return mask.groupby(clusters).sum().astype("int64")
+
+    kept = status == schema.STATUS_KEPT
+    stats = pd.DataFrame(
+        {
+            "size": count(pd.Series(True, index=labelled.index)),
+            "size_after_dedupe": count(status != schema.STATUS_DUPLICATE),
+            "size_after_similarity": count(kept | (status == schema.STATUS_SMALL_CLUSTER)),
+            "size_final": count(kept),
+            "dominant_tags": dominant_tags_by_cluster(clusters, labelled["tag"]),
+        }
+    )
+    stats = pd.concat([stats, cluster_means(labelled, unsorted, kept_unsorted)], axis=1)
+    health = _cluster_health_stats(labelled)
+    return pd.concat([stats, health.reindex(stats.index)], axis=1)[list(STATS_COLUMNS)]
+
+
+def cluster_means(
+    labelled: pd.DataFrame, unsorted: bool = False, kept_unsorted: bool = False
+) -> pd.DataFrame:
+    """The mean columns of :func:`cluster_stats` (``mean_sim``, ``mean_dist``,
+    ``mean_sim_final``), indexed by cluster."""
+    clusters = labelled["cluster"]
+    kept = labelled[schema.STATUS] == schema.STATUS_KEPT
+    return pd.DataFrame(
+        {
+            "mean_sim": _group_mean(labelled["sim"], clusters, unsorted),
+            "mean_dist": _group_mean(labelled["dist"], clusters, unsorted),
+            "mean_sim_final": _group_mean(labelled.loc[kept, "sim"], clusters[kept], kept_unsorted),
+        }
+    )
+
+
+def summary_from_stats(
+    stats: pd.DataFrame, centres: np.ndarray, cluster_ids: np.ndarray | None = None
+) -> pd.DataFrame:
+    """:func:`cluster_summary` from :func:`cluster_stats` (of the whole table, or
+    concatenated from tables of disjoint whole clusters)."""
+    ids = _cluster_index(len(centres), cluster_ids)
+
+    def count(column: str) -> pd.Series:
+        return stats[column].reindex(ids, fill_value=0).astype("int64")
+
+    summary = pd.DataFrame(
+        {
+            "size": count("size"),
+            "size_after_dedupe": count("size_after_dedupe"),
+            "size_after_similarity": count("size_after_similarity"),
+            "size_final": count("size_final"),
+            "mean_sim": stats["mean_sim"].reindex(ids),
+            "mean_dist": stats["mean_dist"].reindex(ids),
+            "mean_sim_final": stats["mean_sim_final"].reindex(ids),
+            "dominant_tags": stats["dominant_tags"].reindex(ids),
+        }
+    ).reset_index()
+    summary["cluster"] = summary["cluster"].astype("int32")
+    summary["dominant_tags"] = summary["dominant_tags"].fillna("").astype(str)
+    for col in ("mean_sim", "mean_dist", "mean_sim_final"):
+        summary[col] = summary[col].astype("float64")
+    summary["kept"] = summary["size_final"] > 0
+    return pd.concat([summary, _health_from_stats(stats, centres, cluster_ids)], axis=1)
 
 
 def cluster_summary(
@@ -155,32 +286,7 @@ def cluster_summary(
     """One row per cluster id (``centres`` is ``(k, n_features)``, row ``i`` the cluster
     ``cluster_ids[i]``, default ``0..k-1``): sizes after each step, means, tags, and the
     :func:`cluster_health` columns."""
-    status = labelled[schema.STATUS]
-    clusters = labelled["cluster"]
-    ids = _cluster_index(len(centres), cluster_ids)
-
-    def count(mask: pd.Series) -> pd.Series:
-        return mask.groupby(clusters).sum().reindex(ids, fill_value=0).astype("int64")
-
-    kept = status == schema.STATUS_KEPT
-    summary = pd.DataFrame(
-        {
-            "size": count(pd.Series(True, index=labelled.index)),
-            "size_after_dedupe": count(status != schema.STATUS_DUPLICATE),
-            "size_after_similarity": count(kept | (status == schema.STATUS_SMALL_CLUSTER)),
-            "size_final": count(kept),
-            "mean_sim": labelled.groupby("cluster")["sim"].mean().reindex(ids),
-            "mean_dist": labelled.groupby("cluster")["dist"].mean().reindex(ids),
-            "mean_sim_final": labelled[kept].groupby("cluster")["sim"].mean().reindex(ids),
-            "dominant_tags": dominant_tags_by_cluster(clusters, labelled["tag"]).reindex(ids),
-        }
-    ).reset_index()
-    summary["cluster"] = summary["cluster"].astype("int32")
-    summary["dominant_tags"] = summary["dominant_tags"].fillna("").astype(str)
-    for col in ("mean_sim", "mean_dist", "mean_sim_final"):
-        summary[col] = summary[col].astype("float64")
-    summary["kept"] = summary["size_final"] > 0
-    return pd.concat([summary, cluster_health(labelled, centres, cluster_ids)], axis=1)
+    return summary_from_stats(cluster_stats(labelled), centres, cluster_ids)
 
 
 def funnel(n_input_rows: int, rejected: dict[str, int], labelled: pd.DataFrame) -> pd.DataFrame:
@@ -189,31 +295,54 @@ def funnel(n_input_rows: int, rejected: dict[str, int], labelled: pd.DataFrame) 
     The ``removed`` column plus the last ``rows`` always adds up to ``n_input_rows``:
     every input row is in the output, removed by a named step, or rejected.
     """
+    status = labelled[schema.STATUS]
+    clusters = labelled["cluster"]
+
+    def count(mask: pd.Series) -> pd.Series:
+        return mask.groupby(clusters).sum().astype("int64")
+
+    kept = status == schema.STATUS_KEPT
+    sizes = pd.DataFrame(
+        {
+            "size": count(pd.Series(True, index=labelled.index)),
+            "size_after_dedupe": count(status != schema.STATUS_DUPLICATE),
+            "size_after_similarity": count(kept | (status == schema.STATUS_SMALL_CLUSTER)),
+            "size_final": count(kept),
+        }
+    )
+    return funnel_from_stats(n_input_rows, rejected, sizes)
+
+
+def funnel_from_stats(
+    n_input_rows: int, rejected: dict[str, int], stats: pd.DataFrame
+) -> pd.DataFrame:
+    """:func:`funnel` from the per-cluster sizes of :func:`cluster_stats` (each status is
+    one of :data:`schema.STATUS_ORDER`, so each step's removals are differences of sizes)."""
     by_kind = dict.fromkeys(schema.REJECT_KINDS, 0)
     for reason, count in rejected.items():
         by_kind[schema.reject_kind(reason)] += count
     csv_rejects, not_selected = by_kind["csv"], by_kind["selection"]
     embedding_rejects = by_kind["embedding"]
-    status = labelled[schema.STATUS]
+    size, dedupe, similar, final = (
+        stats[c].to_numpy(np.int64)
+        for c in ("size", "size_after_dedupe", "size_after_similarity", "size_final")
+    )
 
-    def clusters_where(mask: pd.Series) -> int:
-        return int(labelled.loc[mask, "cluster"].nunique())
+    def clusters_with(rows: np.ndarray) -> int:
+        return int((rows > 0).sum())
 
-    after_dedupe = status != schema.STATUS_DUPLICATE
-    after_sim = status.isin([schema.STATUS_KEPT, schema.STATUS_SMALL_CLUSTER])
-    kept = status == schema.STATUS_KEPT
     steps = [
         ("objects in CSV", n_input_rows, None, 0),
         ("valid rows", n_input_rows - csv_rejects, None, csv_rejects),
         ("selected (select.*)", n_input_rows - csv_rejects - not_selected, None, not_selected),
-        ("with a usable embedding (clustered)", len(labelled), clusters_where(status.notna()),
+        ("with a usable embedding (clustered)", int(size.sum()), clusters_with(size),
          embedding_rejects),
-        ("one row per image per cluster", int(after_dedupe.sum()), clusters_where(after_dedupe),
-         int((status == schema.STATUS_DUPLICATE).sum())),
-        ("similarity above threshold", int(after_sim.sum()), clusters_where(after_sim),
-         int((status == schema.STATUS_LOW_SIMILARITY).sum())),
-        ("clusters of at least min size", int(kept.sum()), clusters_where(kept),
-         int((status == schema.STATUS_SMALL_CLUSTER).sum())),
+        ("one row per image per cluster", int(dedupe.sum()), clusters_with(dedupe),
+         int((size - dedupe).sum())),
+        ("similarity above threshold", int(similar.sum()), clusters_with(similar),
+         int((dedupe - similar).sum())),
+        ("clusters of at least min size", int(final.sum()), clusters_with(final),
+         int((similar - final).sum())),
     ]  # fmt: skip
     out = pd.DataFrame(steps, columns=["step", "rows", "clusters", "removed"])
     out["clusters"] = out["clusters"].astype("Int64")

@@ -1,13 +1,18 @@
+from pathlib import Path
+
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
+from conftest import config_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import schema, summarize
+from pipeline import postprocess, schema, sinks, summarize
 from pipeline.config import PostprocessConfig
 from pipeline.postprocess import apply_postprocessing, label_rows
+from pipeline.runner import run
 
 K, DUP, LOW, SMALL = (
     schema.STATUS_KEPT,
@@ -161,3 +166,153 @@ def test_postprocessing_properties(rows, min_sim, min_size):
     assert (status[sorted(set(t["object_id"]) - set(first["object_id"]))] == DUP).all()
     low = first[first["sim"] <= min_sim]["object_id"]
     assert (status[sorted(low)] == LOW).all()
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def generated_labelled(n: int = 6000, seed: int = 0) -> pd.DataFrame:
+    """A labelled table in no particular order: cluster ids with gaps, float32 cosines,
+    missing tags and users, every status."""
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(500, 70, replace=False)).astype(np.int32)
+    t = pd.DataFrame(
+        {
+            "object_id": rng.permutation(n).astype(np.int64),
+            "cluster": ids[np.minimum(rng.geometric(0.05, n), 69)],
+            "image_name": rng.integers(0, 2000, n).astype(str),
+            "sim": rng.uniform(0.3, 1.0, n).astype("float32"),
+            "dist": rng.uniform(0, 1.5, n).astype("float32"),
+            "tag": pd.Series(rng.choice(["shoe", "bag", "hat", None], n), dtype="str"),
+            "username": pd.Series(rng.choice(["u1", "u2", "u3", None], n), dtype="str"),
+        }
+    )
+    labelled = label_rows(t, "image_name", 0.7, 25)
+    return labelled.sample(frac=1.0, random_state=seed).reset_index(drop=True), ids
+
+
+def test_cluster_blocks_cover_every_cluster_once_in_order():
+    sizes = pd.Series([5, 5, 20, 1, 1, 3], index=[9, 0, 2, 7, 11, 1])
+    starts = postprocess.cluster_blocks(sizes, 10)
+    assert starts.tolist() == [0, 2, 7]
+    block = np.searchsorted(starts, sizes.index.to_numpy(), side="right") - 1
+    assert block.tolist() == [2, 0, 1, 2, 2, 0]
+    assert postprocess.cluster_blocks(pd.Series([], dtype="int64"), 10).tolist() == []
+
+
+@pytest.mark.parametrize("order", ["shuffled", "by cluster"])
+def test_streamed_summary_and_funnel_equal_the_in_memory_ones(order):
+    # Shuffled (as the post-processed table is) or ascending by cluster (where pandas takes
+    # its float64 fast path for the means): the same summary to the last bit either way.
+    labelled, ids = generated_labelled()
+    if order == "by cluster":
+        labelled = labelled.sort_values("cluster", kind="stable").reset_index(drop=True)
+    centres = np.random.default_rng(1).normal(size=(len(ids), 8)).astype(np.float32)
+    expected = summarize.cluster_summary(labelled, centres, ids)
+    assert set(labelled["status"]) == set(schema.STATUS_ORDER)
+    kept = (labelled["status"] == K).to_numpy()
+    clusters = labelled["cluster"].to_numpy()
+    unsorted = (not summarize.is_ascending(clusters), not summarize.is_ascending(clusters[kept]))
+    assert unsorted == ((True, True) if order == "shuffled" else (False, False))
+    for target in (1, 300, 10**9):  # a block per cluster, ~300 rows, one block
+        starts = postprocess.cluster_blocks(labelled.groupby("cluster").size(), target)
+        block = np.searchsorted(starts, clusters, side="right") - 1
+        stats = pd.concat(
+            [summarize.cluster_stats(labelled[block == b], *unsorted) for b in range(len(starts))]
+        )
+        got = summarize.summary_from_stats(stats, centres, ids)
+        pd.testing.assert_frame_equal(got, expected, check_exact=True)
+        pd.testing.assert_frame_equal(
+            summarize.funnel_from_stats(9000, {"missing_key": 3}, stats),
+            summarize.funnel(9000, {"missing_key": 3}, labelled),
+        )
+
+
+def test_status_codes_through_the_staging_files(tmp_path):
+    labelled, _ = generated_labelled(500)
+    codes = labelled["status"].map({s: i for i, s in enumerate(schema.STATUS_ORDER)})
+    urls, max_ids = [], []
+    for i, part in enumerate(np.array_split(np.arange(len(labelled)), 3)):
+        urls.append(str(tmp_path / f"codes-{i}.bin"))
+        ids = labelled["object_id"].to_numpy()[part]
+        max_ids.append(postprocess.write_status_codes(ids, codes.to_numpy()[part], urls[-1]))
+    got = postprocess.load_status_codes(urls, max(max_ids))
+    np.testing.assert_array_equal(got, postprocess.status_codes_by_object(labelled))
+    assert postprocess.write_status_codes(np.zeros(0), np.zeros(0), str(tmp_path / "e")) == -1
+
+
+def in_memory_outputs(catalog, centres, cluster_ids, out: Path) -> dict[str, Path]:
+    """The outputs as post-processing wrote them before it streamed: every kept row read
+    and sorted at once, every row's summary columns read at once."""
+    metadata = sinks.read_run_metadata(catalog.clusters_parquet)
+    table_schema = pq.read_schema(sinks.part_urls(catalog.postprocessed)[0])
+    extra = table_schema.names[len(schema.ASSIGNMENTS_SCHEMA) :]
+    kept = sinks.read_parquet(
+        catalog.postprocessed, filters=[(schema.STATUS, "==", schema.STATUS_KEPT)]
+    )
+    kept = kept.sort_values(["cluster", "sim", schema.OBJECT_ID], ascending=[True, False, True])
+    paths = {name: out / name for name in ("clusters.csv", "clusters.parquet", "summary.parquet")}
+    sinks.write_csv(kept, str(paths["clusters.csv"]), schema.OUTPUT_CSV_FIELDS,
+                    schema.CLUSTERS_SCHEMA)  # fmt: skip
+    sinks.write_parquet(
+        kept[[*schema.CLUSTERS_SCHEMA.names, schema.OBJECT_ID, schema.SOURCE_ROW, *extra]],
+        str(paths["clusters.parquet"]), schema.CLUSTERS_SCHEMA, metadata,
+    )  # fmt: skip
+    table = sinks.read_parquet(catalog.postprocessed, columns=list(summarize.SUMMARY_COLUMNS))
+    summary = summarize.cluster_summary(table, centres, cluster_ids)
+    sinks.write_parquet(summary, str(paths["summary.parquet"]), schema.CLUSTER_SUMMARY_SCHEMA,
+                        metadata)  # fmt: skip
+    return paths
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "synchronous"])
+def test_stage_outputs_equal_the_in_memory_sort_byte_for_byte(small_dataset, tmp_path, scheduler):
+    # ingest.chunk_rows 64: ~31 assignment parts and ~31 cluster blocks of 20 clusters.
+    cfg = config_for(small_dataset, tmp_path / "out", ingest={"chunk_rows": 64},
+                     executor={"scheduler": scheduler})  # fmt: skip
+    result = run(cfg)
+    cat = result.catalog
+    assert len(sinks.part_urls(cat.postprocessed)) > 10
+    paths = in_memory_outputs(cat, cat.read_centres(), cat.read_cluster_ids(), tmp_path)
+    assert Path(cat.clusters_csv).read_bytes() == paths["clusters.csv"].read_bytes()
+    assert Path(cat.clusters_parquet).read_bytes() == paths["clusters.parquet"].read_bytes()
+    assert Path(cat.cluster_summary).read_bytes() == paths["summary.parquet"].read_bytes()
+    table = sinks.read_parquet(cat.postprocessed, columns=list(summarize.SUMMARY_COLUMNS))
+    info = cat.read_ingest_summary()
+    expected = summarize.funnel(info["n_input_rows"], info["rejected"], table)
+    pd.testing.assert_frame_equal(sinks.read_parquet(cat.funnel), expected, check_dtype=False)
+    # The stage's staging files are gone.
+    staging = Path(cat.staging)
+    assert not staging.exists() or not list(staging.glob("postprocess-*"))
+
+
+def test_whole_table_order_from_the_blocks_order_infos():
+    # Block 0 holds clusters 0-1, block 1 clusters 2-3; positions are table rows.
+    info = postprocess._order_info
+    ascending = [
+        info(np.array([0, 1, 2]), np.array([0, 0, 1])),
+        info(np.array([3, 5]), np.array([2, 3])),
+    ]
+    assert postprocess._ascending(ascending)
+    assert postprocess._ascending([info(np.array([]), np.array([])), *ascending])
+    # a block's rows out of order, or a later block's row before an earlier block's
+    assert not postprocess._ascending([info(np.array([0, 1]), np.array([1, 0]))])
+    interleaved = [
+        info(np.array([0, 4]), np.array([0, 1])),
+        info(np.array([2, 5]), np.array([2, 3])),
+    ]
+    assert not postprocess._ascending(interleaved)
+
+
+def test_a_failed_stage_leaves_no_staging_files(small_dataset, tmp_path, monkeypatch):
+    cfg = config_for(small_dataset, tmp_path / "out")
+    result = run(cfg, stages=("ingest", "train", "predict"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("render failed")
+
+    monkeypatch.setattr(postprocess, "render_block", broken)
+    with pytest.raises(Exception, match="render failed"):
+        run(cfg, stages=("postprocess",))
+    staging = Path(result.catalog.staging)
+    assert not staging.exists() or not list(staging.glob("postprocess-*"))

@@ -219,3 +219,105 @@ def test_package_versions_cover_the_result_shaping_packages():
                              "pyarrow"}  # fmt: skip
     assert versions["numpy"] == np.__version__
     assert versions["pyarrow"] == pa.__version__
+
+
+# ----------------------------------------------------------------------------- streamed writers
+
+
+def test_csv_bytes_header_then_row_ranges_equal_write_csv(tmp_path):
+    frame = clusters_frame()
+    url = str(tmp_path / "whole.csv")
+    sinks.write_csv(frame, url, schema.OUTPUT_CSV_FIELDS, schema.CLUSTERS_SCHEMA)
+    args = (schema.OUTPUT_CSV_FIELDS, schema.CLUSTERS_SCHEMA)
+    header = sinks.csv_bytes(frame.iloc[:0], *args, header=True)
+    pieces = [
+        sinks.csv_bytes(frame.iloc[a:b], *args, header=False) for a, b in [(0, 3), (3, 3), (3, 7)]
+    ]
+    assert header + b"".join(pieces) == Path(url).read_bytes()
+    assert header.count(b"\n") == 1 and pieces[1] == b""
+
+
+def test_concat_files_head_then_files_in_order(tmp_path):
+    names = []
+    for i, text in enumerate([b"a,b\n" * 3, b"", b"x" * 10]):
+        (tmp_path / f"p{i}").write_bytes(text)
+        names.append(str(tmp_path / f"p{i}"))
+    url = str(tmp_path / "out" / "all.csv")
+    sinks.concat_files(names, url, head=b"H\n", block_bytes=4)
+    assert Path(url).read_bytes() == b"H\n" + b"a,b\n" * 3 + b"x" * 10
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["all.csv"]
+
+
+def test_ipc_batches_read_back_one_at_a_time_empty_ones_too(tmp_path):
+    table = pa.Table.from_pandas(clusters_frame(), preserve_index=False)
+    batch = table.combine_chunks().to_batches()[0]
+    pieces = [batch.slice(0, 2), batch.slice(2, 0), batch.slice(2, 5)]
+    url = str(tmp_path / "split.arrow")
+    sinks.write_ipc_batches(pieces, table.schema, url)
+    for i, piece in enumerate(pieces):
+        assert sinks.read_ipc_batch(url, i).equals(piece)
+    sinks.write_ipc_table(table, str(tmp_path / "t.arrow"))
+    assert sinks.read_ipc_table(str(tmp_path / "t.arrow")).equals(table)
+
+
+def test_unify_piece_schemas_as_the_whole_table_conversion_infers():
+    meta = {b"pandas": b"{}"}
+    a = pa.schema([("x", pa.int64()), ("y", pa.null()), ("z", pa.large_string())], metadata=meta)
+    b = pa.schema([("x", pa.float64()), ("y", pa.bool_()), ("z", pa.large_string())])
+    got = sinks.unify_piece_schemas([a, b])
+    assert got.types == [pa.float64(), pa.bool_(), pa.large_string()]
+    assert got.metadata == meta
+    assert sinks.unify_piece_schemas([a]).equals(a, check_metadata=True)
+
+
+def write_pieces_and_whole(tmp_path, table, cuts, row_group_rows):
+    """``table`` (Arrow) converted to pandas and written whole by write_parquet, and cut at
+    ``cuts`` with each piece converted on its own (as post-processing's blocks are) and
+    written by write_parquet_pieces."""
+    whole = str(tmp_path / "whole.parquet")
+    sinks.write_parquet(table.to_pandas(), whole, schema.CLUSTERS_SCHEMA, RUN)
+    tables = [
+        sinks.to_table(table.slice(a, b - a).to_pandas(), schema.CLUSTERS_SCHEMA)
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+    ]
+    unified = sinks.unify_piece_schemas([t.schema for t in tables if t.num_rows])
+    pieces = str(tmp_path / "pieces.parquet")
+    sinks.write_parquet_pieces(iter(tables), pieces, unified, RUN, row_group_rows=row_group_rows)
+    return whole, pieces
+
+
+def clusters_table() -> pa.Table:
+    frame = clusters_frame().drop(columns="status")
+    return pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+
+
+def test_write_parquet_pieces_same_bytes_as_write_parquet_within_one_row_group(tmp_path):
+    whole, pieces = write_pieces_and_whole(tmp_path, clusters_table(), [0, 2, 2, 5, 7], 1000)
+    assert Path(pieces).read_bytes() == Path(whole).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pieces.parquet", "whole.parquet"]
+
+
+def test_write_parquet_pieces_row_groups_read_as_the_whole_table(tmp_path):
+    # Carried columns whose pandas form differs by piece: an integer column with a null in
+    # one piece only (float there, int64 in the others), a text column all null in one
+    # piece (null type there).
+    table = clusters_table()
+    table = table.append_column("count", pa.array([1, 2, 3, None, 5, 6, 7], pa.int64()))
+    table = table.append_column("flag", pa.array([None, None, True, False, None, True, False]))
+    whole, pieces = write_pieces_and_whole(tmp_path, table, [0, 2, 4, 7], 3)
+    got, expected = pq.ParquetFile(pieces), pq.ParquetFile(whole)
+    assert [got.metadata.row_group(i).num_rows for i in range(got.num_row_groups)] == [3, 3, 1]
+    assert got.schema_arrow.equals(expected.schema_arrow, check_metadata=True)
+    assert got.read().equals(expected.read())
+    assert expected.schema_arrow.field("count").type == pa.float64()
+    assert sinks.read_run_metadata(pieces) == RUN
+
+
+def test_write_parquet_pieces_of_nothing_is_the_empty_table(tmp_path):
+    frame = clusters_table().slice(0, 0).to_pandas()
+    whole = str(tmp_path / "whole.parquet")
+    sinks.write_parquet(frame, whole, schema.CLUSTERS_SCHEMA, RUN)
+    empty = sinks.to_table(frame, schema.CLUSTERS_SCHEMA)
+    pieces = str(tmp_path / "pieces.parquet")
+    sinks.write_parquet_pieces(iter([]), pieces, empty.schema, RUN)
+    assert Path(pieces).read_bytes() == Path(whole).read_bytes()
