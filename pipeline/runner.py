@@ -414,6 +414,8 @@ def _run_locked(cfg: Config, plan: RunPlan, force: bool, verbose: bool) -> RunRe
         store.remove_stale_temporaries(catalog.staging, ("embeddings",), suffix=".f32")
         store.remove_stale_temporaries(catalog.staging, ("objects",), suffix=".arrow")
         store.remove_stale_temporaries(catalog.staging, ("parts",))
+    if "postprocess" in plan.stages:
+        store.remove_stale_temporaries(catalog.staging, ("postprocess",))
     store.remove_stale_temporaries(catalog.root, catalog.owned_names())
     store.remove_stale_temporaries(catalog.markers, tuple(f"{name}.json" for name in STAGE_NAMES))
     metadata = run_metadata(cfg)

@@ -628,6 +628,7 @@ def test_kill_in_each_stage_then_rerun_equals_an_undisturbed_run(
     run_child(forkserver, args)
     assert temporaries(out) == []
     assert not list((out / "_staging").rglob("*.f32"))  # the killed run's memmap is gone
+    assert not list((out / "_staging").rglob("postprocess-*"))  # and its post-processing's
     assert_same_final_outputs(Catalog.from_config(config_for(base_dataset, out)), clean_run)
 
     # A rerun with a new threshold killed in postprocess: the old report no longer counts.
