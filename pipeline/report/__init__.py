@@ -268,7 +268,7 @@ def write_report(
             thumbs, stats = thumbs_job.result()
         crops = {i: url for i, url in sources.items() if i not in thumbs}
         catalogue = render.Catalogue(
-            members=render.member_records(ordered, thumbs, crops, removed), picks=picks
+            members=render.MemberCards(ordered, thumbs, crops, removed), picks=picks
         )
         static = Path(__file__).with_name("static")
         shutil.copyfile(static / "report.css", folder / "report.css")
