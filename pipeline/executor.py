@@ -259,10 +259,7 @@ def open_executor(
     progress = verbose and cfg.progress
     if scheduler in ("threads", "processes", "synchronous"):
         n = workers.n_workers
-        # Without a distributed client dask would shuffle dataframes through partd on
-        # disk (one process-wide store, serialised by its locks); the task-based shuffle
-        # runs in memory on every thread (post-processing shuffles only its key columns).
-        local = {"scheduler": scheduler, "num_workers": n, "dataframe.shuffle.method": "tasks"}
+        local = {"scheduler": scheduler, "num_workers": n}
         with dask.config.set(local):
             yield Executor(kind=scheduler, progress=progress, n_cores=n)
         return

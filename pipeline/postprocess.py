@@ -63,36 +63,6 @@ def key_columns(cfg: PostprocessConfig) -> list[str]:
     return [schema.OBJECT_ID, "cluster", "sim", *([cfg.dedupe_key] if cfg.dedupe_key else [])]
 
 
-def apply_postprocessing(
-    cfg: PostprocessConfig, assignments: dd.DataFrame, n_partitions: int | None = None
-) -> dd.DataFrame:
-    """Lazy: shuffle rows so each cluster sits in one partition, then label each partition.
-
-    Pass only :func:`key_columns` to keep the shuffle small; the statuses are then joined
-    back onto the full rows with :func:`attach_status`.
-    """
-    n_partitions = n_partitions or assignments.npartitions
-    by_cluster = assignments.shuffle(on="cluster", npartitions=n_partitions)
-    meta = assignments._meta.assign(**{schema.STATUS: pd.Series([], dtype="str")})
-    return by_cluster.map_partitions(
-        label_rows,
-        dedupe_key=cfg.dedupe_key,
-        min_similarity=cfg.min_similarity,
-        min_cluster_size=cfg.min_cluster_size,
-        meta=meta,
-        align_dataframes=False,
-    )
-
-
-def status_codes_by_object(labelled: pd.DataFrame) -> np.ndarray:
-    """Status of every object as an int8 code into :data:`schema.STATUS_ORDER`, indexed by
-    ``object_id`` (-1 for ids not present): a compact lookup to ship to every partition."""
-    codes = np.full(int(labelled[schema.OBJECT_ID].max()) + 1, -1, dtype=np.int8)
-    lookup = {status: i for i, status in enumerate(schema.STATUS_ORDER)}
-    codes[labelled[schema.OBJECT_ID].to_numpy()] = labelled[schema.STATUS].map(lookup).to_numpy()
-    return codes
-
-
 def attach_status(part: pd.DataFrame, codes: np.ndarray) -> pd.DataFrame:
     """Add the ``status`` column to a partition of full assignment rows."""
     names = np.array(schema.STATUS_ORDER, dtype=object)
