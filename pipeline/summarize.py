@@ -213,6 +213,17 @@ def cluster_stats(
     For that, pass ``unsorted`` when the whole table's clusters are not in ascending order
     and ``kept_unsorted`` when its kept rows' clusters are not (see :func:`_group_mean`):
     the means are then the whole table's to the last bit, whatever the part's order."""
+    stats = step_sizes(labelled)
+    stats["dominant_tags"] = dominant_tags_by_cluster(labelled["cluster"], labelled["tag"])
+    stats = pd.concat([stats, cluster_means(labelled, unsorted, kept_unsorted)], axis=1)
+    health = _cluster_health_stats(labelled)
+    return pd.concat([stats, health.reindex(stats.index)], axis=1)[list(STATS_COLUMNS)]
+
+
+def step_sizes(labelled: pd.DataFrame) -> pd.DataFrame:
+    """Rows per cluster left after each post-processing step (``size``,
+    ``size_after_dedupe``, ``size_after_similarity``, ``size_final``), indexed by cluster:
+    what the summary and the funnel count."""
     status = labelled[schema.STATUS]
     clusters = labelled["cluster"]
 
@@ -220,18 +231,14 @@ def cluster_stats(
         return mask.groupby(clusters).sum().astype("int64")
 
     kept = status == schema.STATUS_KEPT
-    stats = pd.DataFrame(
+    return pd.DataFrame(
         {
             "size": count(pd.Series(True, index=labelled.index)),
             "size_after_dedupe": count(status != schema.STATUS_DUPLICATE),
             "size_after_similarity": count(kept | (status == schema.STATUS_SMALL_CLUSTER)),
             "size_final": count(kept),
-            "dominant_tags": dominant_tags_by_cluster(clusters, labelled["tag"]),
         }
     )
-    stats = pd.concat([stats, cluster_means(labelled, unsorted, kept_unsorted)], axis=1)
-    health = _cluster_health_stats(labelled)
-    return pd.concat([stats, health.reindex(stats.index)], axis=1)[list(STATS_COLUMNS)]
 
 
 def cluster_means(
@@ -295,22 +302,7 @@ def funnel(n_input_rows: int, rejected: dict[str, int], labelled: pd.DataFrame) 
     The ``removed`` column plus the last ``rows`` always adds up to ``n_input_rows``:
     every input row is in the output, removed by a named step, or rejected.
     """
-    status = labelled[schema.STATUS]
-    clusters = labelled["cluster"]
-
-    def count(mask: pd.Series) -> pd.Series:
-        return mask.groupby(clusters).sum().astype("int64")
-
-    kept = status == schema.STATUS_KEPT
-    sizes = pd.DataFrame(
-        {
-            "size": count(pd.Series(True, index=labelled.index)),
-            "size_after_dedupe": count(status != schema.STATUS_DUPLICATE),
-            "size_after_similarity": count(kept | (status == schema.STATUS_SMALL_CLUSTER)),
-            "size_final": count(kept),
-        }
-    )
-    return funnel_from_stats(n_input_rows, rejected, sizes)
+    return funnel_from_stats(n_input_rows, rejected, step_sizes(labelled))
 
 
 def funnel_from_stats(
