@@ -5,6 +5,7 @@ and the page contexts built from :mod:`pipeline.report.views`.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -94,7 +95,10 @@ class MemberCards:
     """Members' cards (see :func:`member_records`) made on demand from the members table
     ordered by cluster, one short slice at a time: a dict per member held for the whole
     build took ~1.6 KB a row (1.6 GiB at 1M rows). Callers ask for the members of one
-    cluster at a time (its picks, its pages), which lie in one contiguous slice."""
+    cluster at a time (its picks, its pages, in cluster order), so the cards of the last
+    clusters asked for are kept."""
+
+    CACHED_ROWS = 100_000
 
     def __init__(
         self, ordered: pd.DataFrame, thumbs: dict[int, Thumb], urls: dict[int, str],
@@ -105,18 +109,36 @@ class MemberCards:
         ids = self.ordered[schema.OBJECT_ID].to_numpy()
         self.position = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
         self.position[ids] = np.arange(len(ids))
+        clusters = self.ordered["cluster"].to_numpy()
+        self.starts = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1]])
+        self.ends = np.r_[self.starts[1:], len(clusters)]
+        self._cache: OrderedDict[int, list[dict]] = OrderedDict()
+        self._cached_rows = 0
+
+    def _span_cards(self, span: int) -> list[dict]:
+        """The cards of one cluster's rows; the most recently used are kept, up to
+        :attr:`CACHED_ROWS` cards (~1.5 KB each)."""
+        if span in self._cache:
+            self._cache.move_to_end(span)
+            return self._cache[span]
+        block = self.ordered.iloc[self.starts[span] : self.ends[span]]
+        cards = list(member_records(block, self.thumbs, self.urls, self.removed).values())
+        self._cache[span] = cards
+        self._cached_rows += len(cards)
+        while self._cached_rows > self.CACHED_ROWS and len(self._cache) > 1:
+            self._cached_rows -= len(self._cache.popitem(last=False)[1])
+        return cards
 
     def of(self, ids) -> list[dict]:
         """The cards of ``ids`` (in that order), skipping ids that are not members."""
         ids = np.asarray([i for i in ids if 0 <= i < len(self.position)], dtype=np.int64)
         positions = self.position[ids]
         positions = positions[positions >= 0]
-        if not len(positions):
-            return []
-        low, high = int(positions.min()), int(positions.max()) + 1
-        block = self.ordered.iloc[low:high]
-        cards = list(member_records(block, self.thumbs, self.urls, self.removed).values())
-        return [cards[p - low] for p in positions.tolist()]
+        spans = np.searchsorted(self.starts, positions, side="right") - 1
+        return [
+            self._span_cards(int(span))[int(p - self.starts[span])]
+            for span, p in zip(spans.tolist(), positions.tolist(), strict=True)
+        ]
 
 
 @dataclass
