@@ -58,8 +58,8 @@ def member_records(
     thumbs: dict[int, Thumb],
     urls: dict[int, str],
     removed_clusters: set[int],
-) -> dict[int, dict]:
-    """The card of every member (rows of ``postprocessed.parquet``), as the JSON the
+) -> list[dict]:
+    """The card of every member (rows of ``postprocessed.parquet``, in order), as the JSON the
     page's script lays out: ``id``, ``c`` cluster, ``k`` kept, ``s`` status, ``sim``, ``d``
     distance, ``tag``, ``sc`` score, ``u`` user, ``im`` image, ``ix`` idx, ``b`` bbox,
     ``x`` excludable, and ``t`` its thumbnail ``[name, width, height]`` or ``src`` its
@@ -73,7 +73,7 @@ def member_records(
     sims = np.round(ordered["sim"].to_numpy(dtype=np.float64), 3).tolist()
     dists = np.round(ordered["dist"].to_numpy(dtype=np.float64), 3).tolist()
     scores = np.round(ordered["score"].to_numpy(dtype=np.float64), 2).tolist()
-    out: dict[int, dict] = {}
+    out: list[dict] = []
     rows = zip(*(ordered[c].tolist() for c in columns), sims, dists, scores, strict=True)
     for object_id, cluster, status, tag, user, image, idx, bbox, sim, dist, score in rows:
         kept = status == schema.STATUS_KEPT
@@ -87,7 +87,7 @@ def member_records(
             record["t"] = [thumb.name, thumb.width, thumb.height]
         elif object_id in urls:
             record["src"] = "../" + urls[object_id]
-        out[object_id] = record
+        out.append(record)
     return out
 
 
@@ -122,7 +122,7 @@ class MemberCards:
             self._cache.move_to_end(span)
             return self._cache[span]
         block = self.ordered.iloc[self.starts[span] : self.ends[span]]
-        cards = list(member_records(block, self.thumbs, self.urls, self.removed).values())
+        cards = member_records(block, self.thumbs, self.urls, self.removed)
         self._cache[span] = cards
         self._cached_rows += len(cards)
         while self._cached_rows > self.CACHED_ROWS and len(self._cache) > 1:
