@@ -3,6 +3,10 @@ the schedulers every end-to-end check runs on."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +94,22 @@ def render_report(cfg: Config, n_workers: int = 1):
 
     return write_report(cfg.report, cfg.input, cfg.postprocess, Catalog.from_config(cfg),
                         n_workers=n_workers, groups_file=cfg.report.groups_file)  # fmt: skip
+
+
+@contextmanager
+def lock_held_by_another_process(folder: Path) -> Iterator[subprocess.Popen]:
+    """A separate process holding ``folder``'s output lock (as run 'holder-run') for the
+    block; it is killed after, and the kernel drops the lock with it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pipeline.lock import output_lock\n"
+         "with output_lock(sys.argv[1], 'holder-run'):\n"
+         "    print('held', flush=True); time.sleep(60)", str(folder)],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

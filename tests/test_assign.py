@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import config_for, ingest_only, load_vectors
+from conftest import config_for, ingest_only, load_vectors, lock_held_by_another_process
 from typer.testing import CliRunner
 
 from pipeline import ids, sinks
@@ -184,33 +184,18 @@ def test_api_errors(small_dataset, tmp_path):
 def test_assign_takes_the_output_lock(small_dataset, tmp_path):
     """A second writer on the assign folder gets the run's one-line busy error (exit 1)
     and writes nothing; once the holder is gone, assign goes ahead."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     cfg = config_for(small_dataset, tmp_path / "run", train={"metric": "cosine"})
     run(cfg, stages=("ingest", "train"))
     config = _config_file(cfg, tmp_path / "c.yaml")
     out = tmp_path / "assigned"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from pipeline.lock import output_lock\n"
-         "with output_lock(sys.argv[1], 'holder-run'):\n"
-         "    print('held', flush=True); time.sleep(60)", str(out)],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
     runner = CliRunner()
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_by_another_process(out):
         busy = runner.invoke(app, ["assign", "-c", str(config), "--out", str(out), "-q"])
         assert busy.exit_code == 1 and busy.output.count("error:") == 1, busy.output
         assert "is in use by another run" in busy.output and "run holder-run" in busy.output
         assert "Traceback" not in busy.output
         assert not (out / "assignments.parquet").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     ok = runner.invoke(app, ["assign", "-c", str(config), "--out", str(out), "-q"])
     assert ok.exit_code == 0, ok.output
     assert (out / "assignments.parquet").exists()

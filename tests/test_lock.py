@@ -21,7 +21,7 @@ import zarr
 from pipeline import lock, sinks
 from pipeline.errors import OutputBusyError
 from pipeline.synthetic import make_demo_dataset
-from tests.conftest import load_vectors
+from tests.conftest import load_vectors, lock_held_by_another_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,15 +62,7 @@ def second_dataset(tmp_path_factory):
 def test_a_held_folder_refuses_a_second_run_naming_the_holder(tmp_path, small_dataset):
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from pipeline.lock import output_lock\n"
-         "with output_lock(sys.argv[1], 'holder-run'):\n"
-         "    print('held', flush=True); time.sleep(60)", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_by_another_process(out) as holder:
         config = write_config(tmp_path / "c.yaml", small_dataset, out)
         result = start(config)
         _, err = result.communicate(timeout=120)
@@ -79,9 +71,6 @@ def test_a_held_folder_refuses_a_second_run_naming_the_holder(tmp_path, small_da
         assert len(lines) == 1 and "is in use by another run" in lines[0]
         assert f"pid {holder.pid}" in lines[0] and "run holder-run" in lines[0]
         assert not (out / "embeddings.zarr").exists()  # nothing of the refused run
-    finally:
-        holder.kill()
-        holder.wait()
     # The kernel drops the lock with its holder: the next run goes ahead.
     assert start(config).wait(timeout=300) == 0
     assert_store_holds_its_own_vectors(small_dataset, out)
