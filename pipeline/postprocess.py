@@ -85,7 +85,7 @@ def attach_status(part: pd.DataFrame, codes: np.ndarray) -> pd.DataFrame:
 BLOCK_CHUNKS = 4
 
 #: The split files' column of each row's position in the assignments table.
-_POSITION = "__position"
+POSITION = "__position"
 
 _CODE_DTYPE = np.dtype([("object_id", "<i8"), ("code", "i1")])
 _CODES = {status: i for i, status in enumerate(schema.STATUS_ORDER)}
@@ -140,13 +140,16 @@ def cluster_blocks(sizes: pd.Series, target_rows: int) -> np.ndarray:
     return np.asarray(starts, dtype=np.int64)
 
 
-def split_by_block(part_url: str, offset: int, starts: np.ndarray, url: str) -> int:
+def split_by_block(
+    part_url: str, offset: int, starts: np.ndarray, url: str, columns: list[str] | None = None
+) -> int:
     """Write the rows of one assignments part (the first at table position ``offset``) to
     ``url`` as an Arrow IPC file of one batch per cluster block (in ``starts``' order; a
-    block's rows keep their order), each row with its table position. Returns the rows."""
+    block's rows keep their order), each row with its table position. Returns the rows.
+    ``columns``: the part's columns to keep (all by default)."""
     fs, path = store.filesystem(part_url)
-    table = pq.read_table(path, filesystem=fs)
-    table = table.append_column(_POSITION, pa.array(np.arange(len(table)) + offset))
+    table = pq.read_table(path, filesystem=fs, columns=columns)
+    table = table.append_column(POSITION, pa.array(np.arange(len(table)) + offset))
     block = np.searchsorted(starts, table.column("cluster").to_numpy(), side="right") - 1
     order = np.argsort(block, kind="stable")
     ends = np.searchsorted(block[order], np.arange(1, len(starts) + 1), side="left")
@@ -180,8 +183,9 @@ def _ascending(blocks: list[tuple[int, int, int, bool]]) -> bool:
     return True
 
 
-def _block_table(split_urls: list[str], block: int) -> pa.Table:
-    """The rows of cluster block ``block``, from every part's split file, in table order."""
+def block_table(split_urls: list[str], block: int) -> pa.Table:
+    """The rows of cluster block ``block``, from every part's split file (see
+    :func:`split_by_block`), in table order."""
     return pa.Table.from_batches([sinks.read_ipc_batch(u, block) for u in split_urls])
 
 
@@ -189,14 +193,14 @@ def label_block(cfg: PostprocessConfig, split_urls: list[str], block: int, codes
     """Label one block of whole clusters with :func:`label_rows`; writes the status codes
     of its rows, in its row order, to ``codes_url``. Returns the largest object id and the
     order infos (for :func:`_ascending`) of the block's rows and of its kept rows."""
-    table = _block_table(split_urls, block)
+    table = block_table(split_urls, block)
     keys = table.select(key_columns(cfg)).to_pandas()
     keys["__row"] = np.arange(len(keys))
     labelled = label_rows(keys, cfg.dedupe_key, cfg.min_similarity, cfg.min_cluster_size)
     codes = np.empty(len(keys), np.int8)
     codes[labelled["__row"].to_numpy()] = labelled[schema.STATUS].map(_CODES).to_numpy()
     max_id = write_status_codes(table.column(schema.OBJECT_ID).to_numpy(), codes, codes_url)
-    positions = table.column(_POSITION).to_numpy()
+    positions = table.column(POSITION).to_numpy()
     clusters = table.column("cluster").to_numpy()
     kept = codes == _CODES[schema.STATUS_KEPT]
     orders = _order_info(positions, clusters), _order_info(positions[kept], clusters[kept])
@@ -217,7 +221,7 @@ def render_block(
     (``urls["kept"]``). Returns the block's :func:`summarize.cluster_stats` (``unsorted``:
     whether the whole table's clusters, and its kept rows', are out of ascending order),
     the kept table's schema and its rows."""
-    table = _block_table(split_urls, block).drop_columns([_POSITION])
+    table = block_table(split_urls, block).drop_columns([POSITION])
     fs, path = store.filesystem(urls["codes"])
     with fs.open(path, "rb") as handle:
         codes = np.frombuffer(handle.read(), _CODE_DTYPE)["code"]

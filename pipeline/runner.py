@@ -416,6 +416,8 @@ def _run_locked(cfg: Config, plan: RunPlan, force: bool, verbose: bool) -> RunRe
         store.remove_stale_temporaries(catalog.staging, ("parts",))
     if "postprocess" in plan.stages:
         store.remove_stale_temporaries(catalog.staging, ("postprocess",))
+    if "report" in plan.stages:
+        store.remove_stale_temporaries(catalog.staging, ("report",))
     store.remove_stale_temporaries(catalog.root, catalog.owned_names())
     store.remove_stale_temporaries(catalog.markers, tuple(f"{name}.json" for name in STAGE_NAMES))
     metadata = run_metadata(cfg)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from pipeline import report, schema, sinks, summarize
 from pipeline.cli import app
-from pipeline.report import thumbnails, views
+from pipeline.report import members, thumbnails, views
 from pipeline.runner import run
 from pipeline.synthetic import make_demo_dataset
 from tests.conftest import config_for, render_report
@@ -311,6 +311,33 @@ def test_thumbnails_only_for_members_shown_and_reused_on_rerun(thumbs_run, monke
     monkeypatch.setattr(thumbnails, "SOURCE_CROP_MAX_BYTES", threshold)
     again = render_report(cfg, n_workers=2)
     assert again.thumbnails.made == 0 and again.thumbnails.reused == len(made)
+
+
+def test_report_by_cluster_blocks_equals_one_block(thumbs_run, tmp_path, monkeypatch):
+    # A run larger than one block of members is read and rendered a block of whole
+    # clusters at a time (memory bounded by the block): every file of the report must be
+    # the one-block report's, byte for byte, and the split files gone afterwards.
+    cfg, paths, threshold = thumbs_run
+    folder = Path(paths.report)
+    one_block = tmp_path / "one-block"
+    shutil.copytree(folder, one_block)
+    sizes = sinks.read_parquet(paths.cluster_summary)["size"]
+    block_rows = 100
+    assert sizes.max() > block_rows and (sizes.sum() / block_rows) > 4  # several blocks
+    monkeypatch.setattr(thumbnails, "SOURCE_CROP_MAX_BYTES", threshold)
+    monkeypatch.setattr(members, "BLOCK_ROWS", block_rows)
+    staging = tmp_path / "staging"
+    from pipeline.catalog import Catalog
+
+    result = report.write_report(cfg.report, cfg.input, cfg.postprocess,
+                                 Catalog.from_config(cfg), 2, None, str(staging))  # fmt: skip
+    assert result.thumbnails.reused > 0 and not staging.exists()
+    expected = {
+        p.relative_to(one_block): p.read_bytes() for p in one_block.rglob("*") if p.is_file()
+    }
+    got = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert got.keys() == expected.keys()
+    assert [name for name in expected if got[name] != expected[name]] == []
 
 
 def source_of(cfg, row) -> Path:

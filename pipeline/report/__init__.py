@@ -24,6 +24,7 @@ Picks (clusters ticked into named groups, members excluded) live in the browser'
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -36,9 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .. import schema, sinks, store, summarize
 from ..catalog import K_SWEEP_TABLE, Catalog
@@ -46,6 +44,7 @@ from ..config import InputConfig, PostprocessConfig, ReportConfig
 from ..context import StageContext
 from ..errors import PipelineError
 from . import render, thumbnails, views
+from .members import MemberBlocks
 from .thumbnails import (
     Thumb,
     ThumbStats,
@@ -94,27 +93,6 @@ class ReportResult:
     seconds: float
     n_pages: int = 0
     bytes: int = 0
-
-
-def _read_members(url: str) -> pd.DataFrame:
-    """Every row of ``postprocessed.parquet`` with :data:`SAMPLE_COLUMNS`, in the order of
-    :func:`views.order_members` (with its ``rank``).
-
-    Read and sorted as one Arrow table and handed to pandas once: concatenating per-part
-    frames and sorting in pandas held three copies of the table (~1 GiB at 1M rows).
-    """
-    fs, path = store.filesystem(url)
-    table = pq.read_table(path, filesystem=fs, columns=list(SAMPLE_COLUMNS))
-    order = pc.sort_indices(table, sort_keys=[("cluster", "ascending"), ("sim", "descending"),
-                                               (schema.OBJECT_ID, "ascending")])  # fmt: skip
-    table = table.take(order)
-    del order
-    pa.default_memory_pool().release_unused()  # the unsorted table
-    ordered = table.to_pandas(self_destruct=True, split_blocks=True)
-    del table
-    pa.default_memory_pool().release_unused()
-    ordered["rank"] = ordered.groupby("cluster", sort=False).cumcount() + 1
-    return ordered
 
 
 def _load_groups(catalog: Catalog, groups_file: str | None) -> dict:
@@ -190,13 +168,16 @@ class _ClusterColumns:
             np.searchsorted(SIM_BIN_EDGES, clipped, side="right") - 1, 0, len(SIM_BIN_EDGES) - 2
         )
         uniq, starts = np.unique(self.cluster, return_index=True)
-        ends = np.append(starts[1:], len(self.cluster))
+        ends = np.append(starts[1:], len(self.cluster))[: len(starts)]
         self._spans = {
             int(c): slice(int(a), int(b)) for c, a, b in zip(uniq, starts, ends, strict=True)
         }
 
     def span(self, cluster: int) -> slice:
         return self._spans.get(cluster, slice(0, 0))
+
+    def clusters(self) -> list[int]:
+        return list(self._spans)
 
     def histogram(self, span: slice) -> dict[str, np.ndarray]:
         """The cosine histogram (all and kept members) of one cluster's rows."""
@@ -208,6 +189,109 @@ class _ClusterColumns:
         }
 
 
+@dataclass
+class _Overview:
+    """What the overview pages need of the members, gathered a block at a time: the
+    similarity histograms, each cluster's picks and user mix, and the picked members' rows
+    (every member an overview page or a cluster page's grids show)."""
+
+    sim_counts: dict[str, np.ndarray]
+    picks: dict[int, views.Picks]
+    mixes: dict[int, list]
+    picked: pd.DataFrame
+
+    @classmethod
+    def gather(cls, blocks: MemberBlocks, samples_per_cluster: int) -> _Overview:
+        counts: dict[str, np.ndarray] = {}
+        picks: dict[int, views.Picks] = {}
+        mixes: dict[int, list] = {}
+        picked = []
+        for ordered in blocks:
+            for name, n in similarity_counts(ordered).items():
+                counts[name] = counts.get(name, 0) + n
+            block_picks = views.cluster_picks(
+                ordered, GALLERY_CROPS, WEAKEST_KEPT, samples_per_cluster
+            )
+            picks.update(block_picks)
+            mixes.update(
+                views.user_mixes(
+                    ordered["cluster"].to_numpy(), ordered["username"].to_numpy(dtype=object)
+                )
+            )
+            ids = {i for p in block_picks.values() for i in p.ids()}
+            picked.append(ordered[ordered[schema.OBJECT_ID].isin(ids)])
+        return cls(counts, picks, mixes, pd.concat(picked, ignore_index=True))
+
+
+@dataclass
+class _ClusterPages:
+    """Writes the cluster pages: what every page shares (the overview's cards of the picked
+    members, the nearest clusters, the summary), with each block's members."""
+
+    site: render.Site
+    folder: Path
+    summary_records: list[dict]
+    states: dict[int, ClusterState]
+    catalogue: render.Catalogue
+    near_ids: np.ndarray
+    near_cos: np.ndarray
+    mixes: dict[int, list]
+    group_of: dict[int, str]
+    postprocess: PostprocessConfig
+
+    def write(self, i: int, columns: _ClusterColumns, cards: render.MemberCards) -> None:
+        """The page of summary row ``i``, whose members are in ``columns`` and ``cards``."""
+        rec, records, pp = self.summary_records[i], self.summary_records, self.postprocess
+        c = int(rec["cluster"])
+        state = self.states[c]
+        span = columns.span(c)
+        member_ids = columns.ids[span].tolist()
+        is_kept = columns.kept[span].tolist()
+        by_kind = {
+            "kept": [m for m, k in zip(member_ids, is_kept, strict=True) if k],
+            "removed": [m for m, k in zip(member_ids, is_kept, strict=True) if not k],
+        }
+        pager = []
+        for kind, chosen in by_kind.items():
+            links = []
+            for p in range(1, views.page_count(len(chosen), MEMBERS_PER_PAGE) + 1):
+                first = (p - 1) * MEMBERS_PER_PAGE
+                last = min(len(chosen), first + MEMBERS_PER_PAGE)
+                links.append(
+                    {"anchor": views.member_page_anchor(kind, p), "label": f"{first + 1}–{last}"}
+                )
+            pager.append((kind, len(chosen), links))
+        nearest = []
+        if int(rec["size"]) > 0:
+            for other, cos in zip(self.near_ids[i], self.near_cos[i], strict=True):
+                orec = records[int(other)]
+                oc = int(orec["cluster"])
+                if int(orec["size"]) == 0:
+                    continue
+                nearest.append(
+                    {"cluster": oc, "state": self.states[oc].state, "cos": views.fmt_float(cos),
+                     "cos_raw": views.raw(float(cos)), "size_final": int(orec["size_final"]),
+                     "tags": orec["dominant_tags"],
+                     "strip": self.catalogue.strip(oc, 4, 56, "../")}
+                )  # fmt: skip
+        rescue: list[str] = []
+        if state.state == "removed":
+            sims = columns.sim[span][~columns.duplicate[span]]
+            rescue = views.rescue_settings(sims, pp.min_similarity, pp.min_cluster_size)
+        histogram = views.similarity_chart(
+            columns.histogram(span), pp.min_similarity, "Cosine to the centre", small=True
+        )
+        prev_c = int(records[i - 1]["cluster"]) if i > 0 else None
+        next_c = int(records[i + 1]["cluster"]) if i + 1 < len(records) else None
+        members = {kind: cards.of(chosen) for kind, chosen in by_kind.items()}
+        text = render.render_cluster_page(
+            self.site, rec, self.catalogue, pp, (prev_c, next_c), nearest,
+            self.mixes.get(c, []), histogram, rescue, pager, self.group_of.get(c), members,
+            MEMBERS_PER_PAGE,
+        )  # fmt: skip
+        (self.folder / f"{c}.html").write_text(text, encoding="utf-8")
+
+
 def write_report(
     report: ReportConfig,
     input: InputConfig,
@@ -215,6 +299,7 @@ def write_report(
     catalog: Catalog,
     n_workers: int = 1,
     groups_file: str | None = None,
+    staging: str | None = None,
 ) -> ReportResult:
     """Render the report folder ``catalog.report`` from the run's tables.
 
@@ -225,142 +310,116 @@ def write_report(
         the thumbnails.
     groups_file : str, default=None
         The reviewer's groups YAML to show (``None``: no groups).
+    staging : str, default=None
+        A folder (made and removed here) for the members split by cluster block, when
+        they are more than one block (default: ``report-<random>`` in the run's staging).
     """
     start = time.perf_counter()
     summary = sinks.read_parquet(catalog.cluster_summary)
     funnel_table = sinks.read_parquet(catalog.funnel)
-    ordered = _read_members(catalog.postprocessed)
-    sim_counts = similarity_counts(ordered)
-    picks = views.cluster_picks(ordered, GALLERY_CROPS, WEAKEST_KEPT, report.samples_per_cluster)
-    # Thumbnails only for what the overview pages show, and there only of large source
-    # images; every other crop is the source image, scaled and clipped by the page's script
-    # (nothing decoded here).
-    shown = {i for p in picks.values() for i in p.top + p.weakest_kept[-STRIP_WEAKEST:]}
-    ids = summary["cluster"].astype(int).to_numpy()
-    try:  # the centre of each summary row (a re-fit's ids need not be 0..k-1)
-        row_of = {int(c): i for i, c in enumerate(catalog.read_cluster_ids())}
-        centres = catalog.read_centres()[[row_of[c] for c in ids]]
-    except (PipelineError, KeyError):
-        centres = np.zeros((len(ids), 2), dtype=np.float32)
-    near_ids, near_cos = views.nearest_clusters(centres, NEAREST)
-    xy = views.centre_map(centres)
-    fingerprint = _model_fingerprint(catalog)
-    site = render.Site(
-        root=catalog.root,
-        model=fingerprint,
-        report_id=hashlib.sha256(f"model|{fingerprint}".encode()).hexdigest()[:12],
-        px=report.thumbnail_px,
-    )
-    groups = _load_groups(catalog, groups_file)
-    pp = postprocess
     states = {int(r["cluster"]): cluster_state(r) for r in summary.to_dict("records")}
     removed = {c for c, st in states.items() if st.state == "removed"}
-    with _report_folder(catalog.report) as (folder, previous):
+    staging = staging or store.join(catalog.staging, f"report-{os.urandom(6).hex()}")
+    sizes = summary.set_index("cluster")["size"]
+    blocks = MemberBlocks(
+        catalog.postprocessed, list(SAMPLE_COLUMNS), sizes, staging, n_threads=n_workers
+    )
+    with blocks, _report_folder(catalog.report) as (folder, previous):
+        overview = _Overview.gather(blocks, report.samples_per_cluster)
+        picked = overview.picked
+        # Thumbnails only for what the overview pages show, and there only of large source
+        # images; every other crop is the source image, scaled and clipped by the page's
+        # script (nothing decoded here).
+        shown = {
+            i for p in overview.picks.values() for i in p.top + p.weakest_kept[-STRIP_WEAKEST:]
+        }
         # Source images (URLs relative to the report's folder), and the sizes of those the
         # overview shows: one scandir per folder, a stat per shown image, nothing read.
         local = store.is_local(catalog.report)
-        sources, sizes = (
-            source_files(ordered, input, os.path.abspath(catalog.report), shown)
-            if local else ({}, {})
-        )  # fmt: skip
+        report_dir = os.path.abspath(catalog.report)
+        sources, sizes = source_files(picked, input, report_dir, shown) if local else ({}, {})
         small = {i for i, n in sizes.items() if n <= thumbnails.SOURCE_CROP_MAX_BYTES}
-        ids_col = ordered[schema.OBJECT_ID]
-        to_draw = ordered[ids_col.isin(shown) & ~ids_col.isin(small)]
-        # The thumbnails left (large sources) are drawn by worker processes while the rest
-        # of what the pages need is computed here.
+        ids_col = picked[schema.OBJECT_ID]
+        # The thumbnails left (large sources) are drawn by worker processes while the
+        # first block's pages are prepared here.
         thumbs_job = start_thumbnails(
-            to_draw, input, report.thumbnail_px, folder / "thumbs",
-            previous / "thumbs" if previous else None, n_workers,
+            picked[ids_col.isin(shown) & ~ids_col.isin(small)], input, report.thumbnail_px,
+            folder / "thumbs", previous / "thumbs" if previous else None, n_workers,
         )  # fmt: skip
         try:
-            columns = _ClusterColumns(ordered)
-            mixes = views.user_mixes(columns.cluster, ordered["username"].to_numpy(dtype=object))
+            page_blocks = _page_blocks(blocks, input, report_dir if local else None)
+            first = next(page_blocks)
         finally:
             thumbs, stats = thumbs_job.result()
         crops = {i: url for i, url in sources.items() if i not in thumbs}
         catalogue = render.Catalogue(
-            members=render.MemberCards(ordered, thumbs, crops, removed), picks=picks
+            members=render.MemberCards(picked, thumbs, crops, removed), picks=overview.picks
         )
+        ids = summary["cluster"].astype(int).to_numpy()
+        try:  # the centre of each summary row (a re-fit's ids need not be 0..k-1)
+            row_of = {int(c): i for i, c in enumerate(catalog.read_cluster_ids())}
+            centres = catalog.read_centres()[[row_of[c] for c in ids]]
+        except (PipelineError, KeyError):
+            centres = np.zeros((len(ids), 2), dtype=np.float32)
+        near_ids, near_cos = views.nearest_clusters(centres, NEAREST)
+        fingerprint = _model_fingerprint(catalog)
+        site = render.Site(
+            root=catalog.root,
+            model=fingerprint,
+            report_id=hashlib.sha256(f"model|{fingerprint}".encode()).hexdigest()[:12],
+            px=report.thumbnail_px,
+        )
+        groups = _load_groups(catalog, groups_file)
         static = Path(__file__).with_name("static")
         shutil.copyfile(static / "report.css", folder / "report.css")
         shutil.copyfile(static / "report.js", folder / "report.js")
         index_html = render.render_index(
-            site, summary, funnel_table, sim_counts, xy, catalogue, groups, pp, report.top_n,
-            k_sweep_table(catalog),
+            site, summary, funnel_table, overview.sim_counts, views.centre_map(centres),
+            catalogue, groups, postprocess, report.top_n, k_sweep_table(catalog),
         )  # fmt: skip
         (folder / "index.html").write_text(index_html, encoding="utf-8")
         (folder / "gallery.html").write_text(
             render.render_gallery(site, summary, catalogue, GALLERY_CROPS), encoding="utf-8"
         )
-        pages = folder / "clusters"
-        pages.mkdir()
-        group_of = groups.get("group_of", {})
-        n_pages = 0
+        (folder / "clusters").mkdir()
         summary_records = summary.to_dict("records")
-        for i, rec in enumerate(summary_records):
-            c = int(rec["cluster"])
-            state = states[c]
-            span = columns.span(c)
-            member_ids = columns.ids[span].tolist()
-            is_kept = columns.kept[span].tolist()
-            by_kind = {
-                "kept": [m for m, k in zip(member_ids, is_kept, strict=True) if k],
-                "removed": [m for m, k in zip(member_ids, is_kept, strict=True) if not k],
-            }
-            pager = []
-            for kind, chosen in by_kind.items():
-                links = []
-                for p in range(1, views.page_count(len(chosen), MEMBERS_PER_PAGE) + 1):
-                    first = (p - 1) * MEMBERS_PER_PAGE
-                    last = min(len(chosen), first + MEMBERS_PER_PAGE)
-                    links.append(
-                        {
-                            "anchor": views.member_page_anchor(kind, p),
-                            "label": f"{first + 1}–{last}",
-                        }
-                    )
-                pager.append((kind, len(chosen), links))
-            nearest = []
-            if int(rec["size"]) > 0:
-                for other, cos in zip(near_ids[i], near_cos[i], strict=True):
-                    orec = summary_records[int(other)]
-                    oc = int(orec["cluster"])
-                    if int(orec["size"]) == 0:
-                        continue
-                    nearest.append(
-                        {"cluster": oc, "state": states[oc].state, "cos": views.fmt_float(cos),
-                         "cos_raw": views.raw(float(cos)), "size_final": int(orec["size_final"]),
-                         "tags": orec["dominant_tags"],
-                         "strip": catalogue.strip(oc, 4, 56, "../")}
-                    )  # fmt: skip
-            rescue: list[str] = []
-            if state.state == "removed":
-                sims = columns.sim[span][~columns.duplicate[span]]
-                rescue = views.rescue_settings(sims, pp.min_similarity, pp.min_cluster_size)
-            histogram = views.similarity_chart(
-                columns.histogram(span), pp.min_similarity, "Cosine to the centre", small=True
-            )
-            prev_c = int(summary_records[i - 1]["cluster"]) if i > 0 else None
-            next_c = (
-                int(summary_records[i + 1]["cluster"]) if i + 1 < len(summary_records) else None
-            )
-            members = {kind: catalogue.of(chosen) for kind, chosen in by_kind.items()}
-            text = render.render_cluster_page(
-                site, rec, catalogue, pp, (prev_c, next_c), nearest, mixes.get(c, []), histogram,
-                rescue, pager, group_of.get(c), members, MEMBERS_PER_PAGE,
-            )  # fmt: skip
-            (pages / f"{c}.html").write_text(text, encoding="utf-8")
-            n_pages += 1
+        pages = _ClusterPages(
+            site, folder / "clusters", summary_records, states, catalogue, near_ids, near_cos,
+            overview.mixes, groups.get("group_of", {}), postprocess,
+        )  # fmt: skip
+        row_of_cluster = {int(r["cluster"]): i for i, r in enumerate(summary_records)}
+        written: set[int] = set()
+        for ordered, columns, urls in itertools.chain([first], page_blocks):
+            block_crops = {i: u for i, u in urls.items() if i not in thumbs}
+            cards = render.MemberCards(ordered, thumbs, block_crops, removed, cached_rows=0)
+            for c in columns.clusters():
+                if c in row_of_cluster:
+                    pages.write(row_of_cluster[c], columns, cards)
+                    written.add(c)
+        no_members = _ClusterColumns(picked.iloc[:0])
+        for c, i in row_of_cluster.items():
+            if c not in written:  # empty clusters
+                pages.write(i, no_members, render.MemberCards(picked.iloc[:0], {}, {}, removed))
         n_files, n_bytes = _folder_bytes(folder)
     seconds = time.perf_counter() - start
     log.info(
         "report: %d cluster pages (every member, %d a page), %d thumbnails made, %d reused "
-        "(%d overview crops from small sources), %d source crops, in %.1f s; %d files, "
-        "%.1f MiB: %s",
+        "(%d overview crops from small sources), %d source crops on the overview, in %.1f s; "
+        "%d files, %.1f MiB: %s",
         len(ids), MEMBERS_PER_PAGE, stats.made, stats.reused, len(small & crops.keys()),
         len(crops), seconds, n_files, n_bytes / 2**20, catalog.report_index,
     )  # fmt: skip
-    return ReportResult(catalog.report_index, len(ids), stats, seconds, n_pages + 2, n_bytes)
+    return ReportResult(catalog.report_index, len(ids), stats, seconds, len(ids) + 2, n_bytes)
+
+
+def _page_blocks(
+    blocks: MemberBlocks, input: InputConfig, report_dir: str | None
+) -> Iterator[tuple[pd.DataFrame, _ClusterColumns, dict[int, str]]]:
+    """Each block of members with its columns and its members' source images (URLs
+    relative to the report's folder, ``report_dir``; none where it is not local)."""
+    for ordered in blocks:
+        urls = source_files(ordered, input, report_dir)[0] if report_dir else {}
+        yield ordered, _ClusterColumns(ordered), urls
 
 
 def k_sweep_table(catalog: Catalog) -> pd.DataFrame | None:
@@ -392,7 +451,13 @@ def report_stage(
     groups.set_aside_stale(catalog)
     groups_file = report.groups_file or groups.applied_groups_file(catalog)
     result = write_report(
-        report, input, postprocess, catalog, context.executor.n_cores, groups_file
+        report,
+        input,
+        postprocess,
+        catalog,
+        context.executor.n_cores,
+        groups_file,
+        store.join(catalog.staging, f"report-{context.plan.run_id}"),
     )
     if context.verbose:
         print(

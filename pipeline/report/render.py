@@ -91,6 +91,10 @@ def member_records(
     return out
 
 
+#: Cards kept by :class:`MemberCards` (~150 MiB).
+CACHED_ROWS = 100_000
+
+
 class MemberCards:
     """Members' cards (see :func:`member_records`) made on demand from the members table
     ordered by cluster, one short slice at a time: a dict per member held for the whole
@@ -98,18 +102,16 @@ class MemberCards:
     cluster at a time (its picks, its pages, in cluster order), so the cards of the last
     clusters asked for are kept."""
 
-    CACHED_ROWS = 100_000
-
     def __init__(
         self, ordered: pd.DataFrame, thumbs: dict[int, Thumb], urls: dict[int, str],
-        removed_clusters: set[int],
+        removed_clusters: set[int], cached_rows: int = CACHED_ROWS,
     ) -> None:  # fmt: skip
-        self.ordered = ordered.reset_index(drop=True)
+        self.ordered, self.cached_rows = ordered, cached_rows
         self.thumbs, self.urls, self.removed = thumbs, urls, removed_clusters
-        ids = self.ordered[schema.OBJECT_ID].to_numpy()
-        self.position = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
-        self.position[ids] = np.arange(len(ids))
-        clusters = self.ordered["cluster"].to_numpy()
+        ids = ordered[schema.OBJECT_ID].to_numpy(dtype=np.int64)
+        self._by_id = np.argsort(ids, kind="stable")  # positions, by ascending id
+        self._sorted_ids = ids[self._by_id]
+        clusters = ordered["cluster"].to_numpy()
         self.starts = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1]])
         self.ends = np.r_[self.starts[1:], len(clusters)]
         self._cache: OrderedDict[int, list[dict]] = OrderedDict()
@@ -117,7 +119,7 @@ class MemberCards:
 
     def _span_cards(self, span: int) -> list[dict]:
         """The cards of one cluster's rows; the most recently used are kept, up to
-        :attr:`CACHED_ROWS` cards (~1.5 KB each)."""
+        ``cached_rows`` cards (~1.5 KB each) or the last cluster's."""
         if span in self._cache:
             self._cache.move_to_end(span)
             return self._cache[span]
@@ -125,15 +127,17 @@ class MemberCards:
         cards = member_records(block, self.thumbs, self.urls, self.removed)
         self._cache[span] = cards
         self._cached_rows += len(cards)
-        while self._cached_rows > self.CACHED_ROWS and len(self._cache) > 1:
+        while self._cached_rows > self.cached_rows and len(self._cache) > 1:
             self._cached_rows -= len(self._cache.popitem(last=False)[1])
         return cards
 
     def of(self, ids) -> list[dict]:
         """The cards of ``ids`` (in that order), skipping ids that are not members."""
-        ids = np.asarray([i for i in ids if 0 <= i < len(self.position)], dtype=np.int64)
-        positions = self.position[ids]
-        positions = positions[positions >= 0]
+        ids = np.asarray(list(ids), dtype=np.int64)
+        at = np.searchsorted(self._sorted_ids, ids)
+        found = at < len(self._sorted_ids)
+        found[found] = self._sorted_ids[at[found]] == ids[found]
+        positions = self._by_id[at[found]]
         spans = np.searchsorted(self.starts, positions, side="right") - 1
         return [
             self._span_cards(int(span))[int(p - self.starts[span])]
