@@ -158,7 +158,6 @@ class _ClusterColumns:
 
     def __init__(self, ordered: pd.DataFrame) -> None:
         self.cluster = ordered["cluster"].to_numpy(dtype=np.int64)
-        self.ids = ordered[schema.OBJECT_ID].to_numpy(dtype=np.int64)
         status = ordered[schema.STATUS].to_numpy(dtype=object)
         self.kept = status == schema.STATUS_KEPT
         self.duplicate = status == schema.STATUS_DUPLICATE
@@ -245,11 +244,10 @@ class _ClusterPages:
         c = int(rec["cluster"])
         state = self.states[c]
         span = columns.span(c)
-        member_ids = columns.ids[span].tolist()
-        is_kept = columns.kept[span].tolist()
+        cards_of_cluster = cards.cluster(c)
         by_kind = {
-            "kept": [m for m, k in zip(member_ids, is_kept, strict=True) if k],
-            "removed": [m for m, k in zip(member_ids, is_kept, strict=True) if not k],
+            "kept": [m for m in cards_of_cluster if m["k"]],
+            "removed": [m for m in cards_of_cluster if not m["k"]],
         }
         pager = []
         for kind, chosen in by_kind.items():
@@ -283,10 +281,9 @@ class _ClusterPages:
         )
         prev_c = int(records[i - 1]["cluster"]) if i > 0 else None
         next_c = int(records[i + 1]["cluster"]) if i + 1 < len(records) else None
-        members = {kind: cards.of(chosen) for kind, chosen in by_kind.items()}
         text = render.render_cluster_page(
             self.site, rec, self.catalogue, pp, (prev_c, next_c), nearest,
-            self.mixes.get(c, []), histogram, rescue, pager, self.group_of.get(c), members,
+            self.mixes.get(c, []), histogram, rescue, pager, self.group_of.get(c), by_kind,
             MEMBERS_PER_PAGE,
         )  # fmt: skip
         (self.folder / f"{c}.html").write_text(text, encoding="utf-8")

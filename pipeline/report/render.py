@@ -53,28 +53,38 @@ class Site:
     px: int = 96
 
 
+#: The members' columns a card shows, as :func:`member_records` takes them.
+CARD_COLUMNS = (schema.OBJECT_ID, "cluster", schema.STATUS, "tag", "username", "image_name",
+                "idx", "bbox", "sim", "dist", "score")  # fmt: skip
+
+
+def card_columns(ordered: pd.DataFrame) -> list[np.ndarray]:
+    """:data:`CARD_COLUMNS` of ``ordered`` as arrays, the numbers rounded as cards show them
+    (cosine and distance to 3 places, score to 2)."""
+    out = [ordered[c].to_numpy() for c in CARD_COLUMNS[:-3]]
+    for c, digits in (("sim", 3), ("dist", 3), ("score", 2)):
+        out.append(np.round(ordered[c].to_numpy(dtype=np.float64), digits))
+    return out
+
+
 def member_records(
-    ordered: pd.DataFrame,
+    columns: list[np.ndarray],
     thumbs: dict[int, Thumb],
     urls: dict[int, str],
     removed_clusters: set[int],
 ) -> list[dict]:
-    """The card of every member (rows of ``postprocessed.parquet``, in order), as the JSON the
-    page's script lays out: ``id``, ``c`` cluster, ``k`` kept, ``s`` status, ``sim``, ``d``
-    distance, ``tag``, ``sc`` score, ``u`` user, ``im`` image, ``ix`` idx, ``b`` bbox,
-    ``x`` excludable, and ``t`` its thumbnail ``[name, width, height]`` or ``src`` its
-    source image (relative to ``clusters/``; ``urls`` are relative to the report's folder).
+    """The card of every member (rows of ``postprocessed.parquet`` as :func:`card_columns`,
+    in order), as the JSON the page's script lays out: ``id``, ``c`` cluster, ``k`` kept,
+    ``s`` status, ``sim``, ``d`` distance, ``tag``, ``sc`` score, ``u`` user, ``im``
+    image, ``ix`` idx, ``b`` bbox, ``x`` excludable, and ``t`` its thumbnail
+    ``[name, width, height]`` or ``src`` its source image (relative to ``clusters/``;
+    ``urls`` are relative to the report's folder).
 
     Kept members can be excluded from a group; so can the members of a removed cluster
     that passed the dedupe step (the rows ``include_removed`` brings in).
     """
-    columns = [schema.OBJECT_ID, "cluster", schema.STATUS, "tag", "username", "image_name",
-               "idx", "bbox"]  # fmt: skip
-    sims = np.round(ordered["sim"].to_numpy(dtype=np.float64), 3).tolist()
-    dists = np.round(ordered["dist"].to_numpy(dtype=np.float64), 3).tolist()
-    scores = np.round(ordered["score"].to_numpy(dtype=np.float64), 2).tolist()
     out: list[dict] = []
-    rows = zip(*(ordered[c].tolist() for c in columns), sims, dists, scores, strict=True)
+    rows = zip(*(column.tolist() for column in columns), strict=True)
     for object_id, cluster, status, tag, user, image, idx, bbox, sim, dist, score in rows:
         kept = status == schema.STATUS_KEPT
         record = {
@@ -97,7 +107,7 @@ CACHED_ROWS = 100_000
 
 class MemberCards:
     """Members' cards (see :func:`member_records`) made on demand from the members table
-    ordered by cluster, one short slice at a time: a dict per member held for the whole
+    ordered by cluster, one cluster at a time: a dict per member held for the whole
     build took ~1.6 KB a row (1.6 GiB at 1M rows). Callers ask for the members of one
     cluster at a time (its picks, its pages, in cluster order), so the cards of the last
     clusters asked for are kept."""
@@ -106,14 +116,16 @@ class MemberCards:
         self, ordered: pd.DataFrame, thumbs: dict[int, Thumb], urls: dict[int, str],
         removed_clusters: set[int], cached_rows: int = CACHED_ROWS,
     ) -> None:  # fmt: skip
-        self.ordered, self.cached_rows = ordered, cached_rows
+        self.columns = card_columns(ordered)
         self.thumbs, self.urls, self.removed = thumbs, urls, removed_clusters
-        ids = ordered[schema.OBJECT_ID].to_numpy(dtype=np.int64)
+        self.cached_rows = cached_rows
+        ids = self.columns[0].astype(np.int64)
         self._by_id = np.argsort(ids, kind="stable")  # positions, by ascending id
         self._sorted_ids = ids[self._by_id]
-        clusters = ordered["cluster"].to_numpy()
-        self.starts = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1]])
+        clusters = self.columns[1]
+        self.starts = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1]])[: len(clusters)]
         self.ends = np.r_[self.starts[1:], len(clusters)]
+        self._span_of = {int(c): i for i, c in enumerate(clusters[self.starts].tolist())}
         self._cache: OrderedDict[int, list[dict]] = OrderedDict()
         self._cached_rows = 0
 
@@ -123,13 +135,20 @@ class MemberCards:
         if span in self._cache:
             self._cache.move_to_end(span)
             return self._cache[span]
-        block = self.ordered.iloc[self.starts[span] : self.ends[span]]
-        cards = member_records(block, self.thumbs, self.urls, self.removed)
+        rows = slice(self.starts[span], self.ends[span])
+        cards = member_records(
+            [column[rows] for column in self.columns], self.thumbs, self.urls, self.removed
+        )
         self._cache[span] = cards
         self._cached_rows += len(cards)
         while self._cached_rows > self.cached_rows and len(self._cache) > 1:
             self._cached_rows -= len(self._cache.popitem(last=False)[1])
         return cards
+
+    def cluster(self, cluster: int) -> list[dict]:
+        """The cards of every member of ``cluster``, in the table's order."""
+        span = self._span_of.get(int(cluster))
+        return [] if span is None else self._span_cards(span)
 
     def of(self, ids) -> list[dict]:
         """The cards of ``ids`` (in that order), skipping ids that are not members."""
