@@ -315,8 +315,9 @@ def test_thumbnails_only_for_members_shown_and_reused_on_rerun(thumbs_run, monke
 
 def test_report_by_cluster_blocks_equals_one_block(thumbs_run, tmp_path, monkeypatch):
     # A run larger than one block of members is read and rendered a block of whole
-    # clusters at a time (memory bounded by the block): every file of the report must be
-    # the one-block report's, byte for byte, and the split files gone afterwards.
+    # clusters at a time (memory bounded by the block), each block's pages by forked
+    # processes: every file of the report must be the one-block report's (written by this
+    # process alone), byte for byte, and the split files gone afterwards.
     cfg, paths, threshold = thumbs_run
     folder = Path(paths.report)
     one_block = tmp_path / "one-block"
@@ -326,6 +327,7 @@ def test_report_by_cluster_blocks_equals_one_block(thumbs_run, tmp_path, monkeyp
     assert sizes.max() > block_rows and (sizes.sum() / block_rows) > 4  # several blocks
     monkeypatch.setattr(thumbnails, "SOURCE_CROP_MAX_BYTES", threshold)
     monkeypatch.setattr(members, "BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(report, "PARALLEL_MIN_PAGES", 1)  # each block's pages by 2 processes
     staging = tmp_path / "staging"
     from pipeline.catalog import Catalog
 

@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,7 +335,10 @@ def write_report(
         # overview shows: one scandir per folder, a stat per shown image, nothing read.
         local = store.is_local(catalog.report)
         report_dir = os.path.abspath(catalog.report)
-        sources, sizes = source_files(picked, input, report_dir, shown) if local else ({}, {})
+        listings: dict = {}  # the source folders listed, shared with the first block
+        sources, sizes = (
+            source_files(picked, input, report_dir, shown, listings) if local else ({}, {})
+        )
         small = {i for i, n in sizes.items() if n <= thumbnails.SOURCE_CROP_MAX_BYTES}
         ids_col = picked[schema.OBJECT_ID]
         # The thumbnails left (large sources) are drawn by worker processes while the
@@ -344,7 +348,7 @@ def write_report(
             folder / "thumbs", previous / "thumbs" if previous else None, n_workers,
         )  # fmt: skip
         try:
-            page_blocks = _page_blocks(blocks, input, report_dir if local else None)
+            page_blocks = _page_blocks(blocks, input, report_dir if local else None, listings)
             first = next(page_blocks)
         finally:
             thumbs, stats = thumbs_job.result()
@@ -370,14 +374,6 @@ def write_report(
         static = Path(__file__).with_name("static")
         shutil.copyfile(static / "report.css", folder / "report.css")
         shutil.copyfile(static / "report.js", folder / "report.js")
-        index_html = render.render_index(
-            site, summary, funnel_table, overview.sim_counts, views.centre_map(centres),
-            catalogue, groups, postprocess, report.top_n, k_sweep_table(catalog),
-        )  # fmt: skip
-        (folder / "index.html").write_text(index_html, encoding="utf-8")
-        (folder / "gallery.html").write_text(
-            render.render_gallery(site, summary, catalogue, GALLERY_CROPS), encoding="utf-8"
-        )
         (folder / "clusters").mkdir()
         summary_records = summary.to_dict("records")
         pages = _ClusterPages(
@@ -386,13 +382,23 @@ def write_report(
         )  # fmt: skip
         row_of_cluster = {int(r["cluster"]): i for i, r in enumerate(summary_records)}
         written: set[int] = set()
-        for ordered, columns, urls in itertools.chain([first], page_blocks):
+        n_processes = min(n_workers, len(os.sched_getaffinity(0)))
+        for b, (ordered, columns, urls) in enumerate(itertools.chain([first], page_blocks)):
             block_crops = {i: u for i, u in urls.items() if i not in thumbs}
             cards = render.MemberCards(ordered, thumbs, block_crops, removed, cached_rows=0)
-            for c in columns.clusters():
-                if c in row_of_cluster:
-                    pages.write(row_of_cluster[c], columns, cards)
-                    written.add(c)
+            clusters = [c for c in columns.clusters() if c in row_of_cluster]
+            rows = [row_of_cluster[c] for c in clusters]
+            with _writing_pages(pages, rows, columns, cards, n_processes):
+                if b == 0:  # the overview pages, while the first block's pages are written
+                    index_html = render.render_index(
+                        site, summary, funnel_table, overview.sim_counts,
+                        views.centre_map(centres), catalogue, groups, postprocess,
+                        report.top_n, k_sweep_table(catalog),
+                    )  # fmt: skip
+                    (folder / "index.html").write_text(index_html, encoding="utf-8")
+                    gallery_html = render.render_gallery(site, summary, catalogue, GALLERY_CROPS)
+                    (folder / "gallery.html").write_text(gallery_html, encoding="utf-8")
+            written.update(clusters)
         no_members = _ClusterColumns(picked.iloc[:0])
         for c, i in row_of_cluster.items():
             if c not in written:  # empty clusters
@@ -410,13 +416,60 @@ def write_report(
 
 
 def _page_blocks(
-    blocks: MemberBlocks, input: InputConfig, report_dir: str | None
+    blocks: MemberBlocks, input: InputConfig, report_dir: str | None, listings: dict
 ) -> Iterator[tuple[pd.DataFrame, _ClusterColumns, dict[int, str]]]:
     """Each block of members with its columns and its members' source images (URLs
-    relative to the report's folder, ``report_dir``; none where it is not local)."""
-    for ordered in blocks:
-        urls = source_files(ordered, input, report_dir)[0] if report_dir else {}
+    relative to the report's folder, ``report_dir``; none where it is not local).
+    ``listings``: the source folders listed so far, kept for the first block only (they
+    would grow with the run)."""
+    for b, ordered in enumerate(blocks):
+        if b:
+            listings.clear()
+        urls = source_files(ordered, input, report_dir, None, listings)[0] if report_dir else {}
         yield ordered, _ClusterColumns(ordered), urls
+
+
+#: Cluster pages below which a block's pages are written here, not by forked processes.
+PARALLEL_MIN_PAGES = 64
+#: What the forked page writers inherit (see :func:`_writing_pages`).
+_FORKED_PAGES: tuple | None = None
+
+
+def _write_pages(rows: list[int]) -> None:
+    pages, columns, cards = _FORKED_PAGES
+    for i in rows:
+        pages.write(i, columns, cards)
+
+
+@contextmanager
+def _writing_pages(
+    pages: _ClusterPages, rows: list[int], columns: _ClusterColumns,
+    cards: render.MemberCards, n_processes: int,
+) -> Iterator[None]:  # fmt: skip
+    """Write the pages of summary rows ``rows`` (of one block) while the ``with`` body
+    runs: by ``n_processes`` forked processes, which inherit the block and every page's
+    shared data (nothing is pickled but row numbers), or here after the body where
+    there is no ``fork``, one process or a few pages."""
+    global _FORKED_PAGES
+    context = thumbnails._process_context()
+    if n_processes < 2 or len(rows) < PARALLEL_MIN_PAGES or context.get_start_method() != "fork":
+        yield
+        for i in rows:
+            pages.write(i, columns, cards)
+        return
+    _FORKED_PAGES = (pages, columns, cards)
+    try:
+        with ProcessPoolExecutor(n_processes, mp_context=context) as pool:
+            futures = [pool.submit(_write_pages, rows[w::n_processes]) for w in range(n_processes)]
+            try:
+                yield
+                for future in futures:
+                    future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        _FORKED_PAGES = None
 
 
 def k_sweep_table(catalog: Catalog) -> pd.DataFrame | None:

@@ -369,10 +369,12 @@ def source_urls(rows: pd.DataFrame, cfg: InputConfig, page_dir: str, sized=None)
 
 
 def source_files(
-    rows: pd.DataFrame, cfg: InputConfig, page_dir: str, sized=None
+    rows: pd.DataFrame, cfg: InputConfig, page_dir: str, sized=None, listings=None
 ) -> tuple[dict[int, str], dict[int, int]]:
     """:func:`source_urls`, and the file size in bytes of the source image of each object
-    id in ``sized`` that has one (one ``stat`` per such image, nothing read)."""
+    id in ``sized`` that has one (one ``stat`` per such image, nothing read).
+
+    ``listings``: the folders listed so far (a dict this fills), to share between calls."""
     from urllib.parse import quote
 
     if cfg.images_root is None or rows.empty or not store.is_local(cfg.images_root):
@@ -391,7 +393,7 @@ def source_files(
         return {}, {}  # a template the fields cannot fill: make_thumbnails has warned
     sized = sized or ()
     base = Path(os.path.relpath(root, page_dir)).as_posix()
-    listings: dict[str, dict[str, os.DirEntry | None] | None] = {}
+    listings: dict[str, dict[str, os.DirEntry | None] | None] = {} if listings is None else listings
     checked: dict[str, tuple[str, os.DirEntry | str] | None] = {}
     out: dict[int, str] = {}
     sizes: dict[int, int] = {}
