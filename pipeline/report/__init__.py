@@ -159,9 +159,9 @@ class _ClusterColumns:
 
     def __init__(self, ordered: pd.DataFrame) -> None:
         self.cluster = ordered["cluster"].to_numpy(dtype=np.int64)
-        status = ordered[schema.STATUS].to_numpy(dtype=object)
-        self.kept = status == schema.STATUS_KEPT
-        self.duplicate = status == schema.STATUS_DUPLICATE
+        status = ordered[schema.STATUS]
+        self.kept = (status == schema.STATUS_KEPT).to_numpy(dtype=bool)
+        self.duplicate = (status == schema.STATUS_DUPLICATE).to_numpy(dtype=bool)
         self.sim = ordered["sim"].to_numpy(dtype=np.float64)
         clipped = np.clip(self.sim, -1.0, 1.0)
         self.bins = np.clip(
@@ -220,6 +220,7 @@ class _Overview:
             )
             ids = {i for p in block_picks.values() for i in p.ids()}
             picked.append(ordered[ordered[schema.OBJECT_ID].isin(ids)])
+            ordered = None  # not held while the next block is read
         return cls(counts, picks, mixes, pd.concat(picked, ignore_index=True))
 
 
@@ -399,6 +400,8 @@ def write_report(
                     gallery_html = render.render_gallery(site, summary, catalogue, GALLERY_CROPS)
                     (folder / "gallery.html").write_text(gallery_html, encoding="utf-8")
             written.update(clusters)
+            # Nothing of this block is held while the next one is read.
+            first = ordered = columns = urls = block_crops = cards = None
         no_members = _ClusterColumns(picked.iloc[:0])
         for c, i in row_of_cluster.items():
             if c not in written:  # empty clusters
@@ -427,6 +430,7 @@ def _page_blocks(
             listings.clear()
         urls = source_files(ordered, input, report_dir, None, listings)[0] if report_dir else {}
         yield ordered, _ClusterColumns(ordered), urls
+        ordered = urls = None  # not held while the next block is read
 
 
 #: Cluster pages below which a block's pages are written here, not by forked processes.

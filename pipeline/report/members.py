@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 from .. import schema, sinks, store
 from ..postprocess import POSITION, block_table, cluster_blocks, split_by_block
 
-#: Rows per block (whole clusters; a larger cluster is a block of its own): ~90 MiB of
+#: Rows per block (whole clusters; a larger cluster is a block of its own): ~45 MiB of
 #: members' columns in pandas, a few thousand cards at a time on top.
-BLOCK_ROWS = 200_000
+BLOCK_ROWS = 100_000
 
 
 def ordered_members(table: pa.Table) -> pd.DataFrame:
@@ -100,4 +100,5 @@ class MemberBlocks:
             yield self._whole
             return
         for block in range(len(self.starts)):
+            pa.default_memory_pool().release_unused()  # what the last block left cached
             yield ordered_members(block_table(self._splits, block).drop_columns([POSITION]))

@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from markupsafe import Markup
 
 from .. import schema, summarize
@@ -58,23 +59,34 @@ CARD_COLUMNS = (schema.OBJECT_ID, "cluster", schema.STATUS, "tag", "username", "
                 "idx", "bbox", "sim", "dist", "score")  # fmt: skip
 
 
-def card_columns(ordered: pd.DataFrame) -> list[np.ndarray]:
-    """:data:`CARD_COLUMNS` of ``ordered`` as arrays, the numbers rounded as cards show them
-    (cosine and distance to 3 places, score to 2)."""
-    out = [ordered[c].to_numpy() for c in CARD_COLUMNS[:-3]]
+def card_columns(ordered: pd.DataFrame) -> list[np.ndarray | pa.Array]:
+    """:data:`CARD_COLUMNS` of ``ordered``: the numbers as arrays, rounded as cards show
+    them (cosine and distance to 3 places, score to 2), the text as Arrow arrays (no Python
+    string per row until a card is made)."""
+    out: list[np.ndarray | pa.Array] = []
+    for c in CARD_COLUMNS[:-3]:
+        column = ordered[c]
+        numeric = pd.api.types.is_numeric_dtype(column.dtype)
+        out.append(column.to_numpy() if numeric else pa.array(column))
     for c, digits in (("sim", 3), ("dist", 3), ("score", 2)):
         out.append(np.round(ordered[c].to_numpy(dtype=np.float64), digits))
     return out
 
 
+def _values(column: np.ndarray | pa.Array, rows: slice) -> list:
+    if isinstance(column, np.ndarray):
+        return column[rows].tolist()
+    return column.slice(rows.start, rows.stop - rows.start).to_pylist()
+
+
 def member_records(
-    columns: list[np.ndarray],
+    columns: list[list],
     thumbs: dict[int, Thumb],
     urls: dict[int, str],
     removed_clusters: set[int],
 ) -> list[dict]:
-    """The card of every member (rows of ``postprocessed.parquet`` as :func:`card_columns`,
-    in order), as the JSON the page's script lays out: ``id``, ``c`` cluster, ``k`` kept,
+    """The card of every member (the values of :data:`CARD_COLUMNS`, a list each, rows of
+    ``postprocessed.parquet`` in order), as the JSON the page's script lays out: ``id``, ``c`` cluster, ``k`` kept,
     ``s`` status, ``sim``, ``d`` distance, ``tag``, ``sc`` score, ``u`` user, ``im``
     image, ``ix`` idx, ``b`` bbox, ``x`` excludable, and ``t`` its thumbnail
     ``[name, width, height]`` or ``src`` its source image (relative to ``clusters/``;
@@ -84,7 +96,7 @@ def member_records(
     that passed the dedupe step (the rows ``include_removed`` brings in).
     """
     out: list[dict] = []
-    rows = zip(*(column.tolist() for column in columns), strict=True)
+    rows = zip(*columns, strict=True)
     for object_id, cluster, status, tag, user, image, idx, bbox, sim, dist, score in rows:
         kept = status == schema.STATUS_KEPT
         record = {
@@ -119,10 +131,10 @@ class MemberCards:
         self.columns = card_columns(ordered)
         self.thumbs, self.urls, self.removed = thumbs, urls, removed_clusters
         self.cached_rows = cached_rows
-        ids = self.columns[0].astype(np.int64)
+        ids = np.asarray(self.columns[0], dtype=np.int64)
         self._by_id = np.argsort(ids, kind="stable")  # positions, by ascending id
         self._sorted_ids = ids[self._by_id]
-        clusters = self.columns[1]
+        clusters = np.asarray(self.columns[1])
         self.starts = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1]])[: len(clusters)]
         self.ends = np.r_[self.starts[1:], len(clusters)]
         self._span_of = {int(c): i for i, c in enumerate(clusters[self.starts].tolist())}
@@ -137,8 +149,9 @@ class MemberCards:
             return self._cache[span]
         rows = slice(self.starts[span], self.ends[span])
         cards = member_records(
-            [column[rows] for column in self.columns], self.thumbs, self.urls, self.removed
-        )
+            [_values(column, rows) for column in self.columns], self.thumbs, self.urls,
+            self.removed,
+        )  # fmt: skip
         self._cache[span] = cards
         self._cached_rows += len(cards)
         while self._cached_rows > self.cached_rows and len(self._cache) > 1:
