@@ -213,11 +213,7 @@ class _Overview:
                 ordered, GALLERY_CROPS, WEAKEST_KEPT, samples_per_cluster
             )
             picks.update(block_picks)
-            mixes.update(
-                views.user_mixes(
-                    ordered["cluster"].to_numpy(), ordered["username"].to_numpy(dtype=object)
-                )
-            )
+            mixes.update(views.user_mixes(ordered["cluster"].to_numpy(), ordered["username"].array))
             ids = {i for p in block_picks.values() for i in p.ids()}
             picked.append(ordered[ordered[schema.OBJECT_ID].isin(ids)])
             ordered = None  # not held while the next block is read
@@ -434,7 +430,7 @@ def _page_blocks(
 
 
 #: Cluster pages below which a block's pages are written here, not by forked processes.
-PARALLEL_MIN_PAGES = 64
+PARALLEL_MIN_PAGES = 8
 #: What the forked page writers inherit (see :func:`_writing_pages`).
 _FORKED_PAGES: tuple | None = None
 

@@ -290,29 +290,29 @@ def user_mix(counts: pd.Series, n: int = 4) -> list[tuple[str, int, float]]:
 
 def user_mixes(clusters: np.ndarray, users: np.ndarray, n: int = 4) -> dict[int, list]:
     """:func:`user_mix` of every cluster at once, from each member's cluster and user (one
-    sort instead of a pandas series per cluster; missing users are not counted).
+    grouped count and sort, Python only for the ``n + 1`` entries a cluster shows; missing
+    users are not counted).
 
     >>> user_mixes(np.array([1, 1, 1, 2]), np.array(["a", "b", "a", None], dtype=object), 1)
     {1: [('a', 2, 0.6666666666666666), ('1 other', 1, 0.3333333333333333)]}
     """
-    frame = pd.DataFrame({"c": clusters, "u": users})
-    counts = frame.groupby(["c", "u"], sort=False).size()
+    frame = pd.DataFrame({"c": np.asarray(clusters), "u": pd.Series(users, dtype="str")})
+    counts = frame.groupby(["c", "u"], sort=False).size().reset_index(name="k")
     if counts.empty:
         return {}
-    pairs: dict[int, list[tuple[str, int]]] = {}
-    for (c, u), k in zip(counts.index.tolist(), counts.tolist(), strict=True):
-        if k > 0:
-            pairs.setdefault(int(c), []).append((str(u), int(k)))
-    out: dict[int, list] = {}
-    for c, items in pairs.items():
-        items.sort(key=lambda item: (-item[1], item[0]))
-        total = sum(k for _, k in items)
-        mix = [(u, k, k / total) for u, k in items[:n]]
-        rest = items[n:]
-        if rest:
-            left = sum(k for _, k in rest)
-            mix.append((f"{len(rest)} other{'s' if len(rest) != 1 else ''}", left, left / total))
-        out[c] = mix
+    counts = counts.sort_values(["c", "k", "u"], ascending=[True, False, True], kind="stable")
+    rank = counts.groupby("c", sort=False).cumcount().to_numpy()
+    totals = counts.groupby("c", sort=False)["k"].sum()
+    out: dict[int, list] = {int(c): [] for c in totals.index}
+    total_of = dict(zip(totals.index.tolist(), totals.tolist(), strict=True))
+    top = counts[rank < n]
+    for c, u, k in zip(top["c"].tolist(), top["u"].tolist(), top["k"].tolist(), strict=True):
+        out[int(c)].append((str(u), int(k), k / total_of[c]))
+    rest = counts[rank >= n].groupby("c", sort=False)["k"].agg(["size", "sum"])
+    for c, others, left in zip(rest.index.tolist(), rest["size"].tolist(), rest["sum"].tolist(),
+                               strict=True):  # fmt: skip
+        name = f"{others} other{'s' if others != 1 else ''}"
+        out[int(c)].append((name, int(left), left / total_of[c]))
     return out
 
 
