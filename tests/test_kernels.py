@@ -235,6 +235,10 @@ def test_normalize_rows_in_place_and_zero_rows():
     same = kernels.normalize_rows(x, out=x)
     assert same is x
     np.testing.assert_allclose(x, [[0.6, 0.8], [0.0, 0.0]])
+    # Any input comes back float32, as documented (a float64 sum of rows, say).
+    unit = kernels.normalize_rows(np.array([[0.0, 2.0], [1.0, 1.0]]))
+    assert unit.dtype == np.float32
+    np.testing.assert_allclose(unit, [[0, 1], [np.sqrt(0.5), np.sqrt(0.5)]], rtol=1e-7)
 
 
 def reference_spherical_step(batch, centres, counts):
@@ -398,3 +402,58 @@ def test_reseed_from_block_draws_from_every_row_of_the_block():
     assert captured.tolist() == [10]
     expected, _ = reference_reseed(block, sims, 1, 1)
     np.testing.assert_allclose(centres, expected, atol=1e-5)
+
+
+def test_spherical_minibatch_step_leaves_centres_without_members_alone():
+    """A centre no row of the batch goes to keeps its position and count, also with no
+    members so far (count 0: its mean would be 0 / 0)."""
+    batch = kernels.normalize_rows(np.array([[1, 0.1, 0], [1, -0.1, 0], [0.1, 1, 0]], np.float32))
+    centres = kernels.normalize_rows(
+        np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, -1]], np.float32)
+    )
+    counts = np.array([0.0, 4.0, 0.0, 7.0])
+    new, new_counts, labels, _ = kernels.spherical_minibatch_step(batch, centres, counts)
+    assert labels.tolist() == [0, 0, 1]
+    np.testing.assert_array_equal(new[2:], centres[2:])
+    np.testing.assert_array_equal(new_counts, [2.0, 5.0, 0.0, 7.0])
+    np.testing.assert_allclose(new[0], [1, 0, 0], atol=1e-7)
+
+
+def test_spherical_cluster_sums_matches_numpy_with_empty_clusters():
+    """Per-cluster sums and counts of unit rows and their total best cosine, against plain
+    numpy; the last two centres win no row, so the shapes must still be ``k``."""
+    rng = np.random.default_rng(5)
+    block = rng.standard_normal((200, 6), dtype=np.float32)
+    block[:, 0] = np.abs(block[:, 0]) + 0.5  # every row on the +x side
+    block = kernels.normalize_rows(block)
+    near = rng.standard_normal((4, 6), dtype=np.float32)
+    near[:, 0] = np.abs(near[:, 0]) + 0.5
+    far = np.array([[-1, 0, 0, 0, 0, 0], [-1, 0.1, 0, 0, 0, 0]], np.float32)
+    centres = kernels.normalize_rows(np.concatenate([near, far]))
+    sums, counts, total = kernels.spherical_cluster_sums(block, centres)
+    cos = block.astype(np.float64) @ centres.T.astype(np.float64)
+    labels = cos.argmax(axis=1)
+    assert sums.shape == (6, 6) and counts.shape == (6,) and counts.dtype == np.int64
+    assert sums.dtype == np.float64  # summed in float64, as documented
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=6))
+    assert counts[4:].tolist() == [0, 0]
+    for j in range(6):
+        np.testing.assert_allclose(sums[j], block[labels == j].astype(np.float64).sum(0), atol=1e-5)
+    assert total == pytest.approx(cos.max(axis=1).sum(), rel=1e-6)
+
+
+def test_assign_block_cosine_keeps_the_cosine_in_range_and_zero_rows_at_zero():
+    """A row along its only centre has cosine 1 and against it -1; float32 rounding of the
+    dot product and norm can land a hair outside [-1, 1], which must be clipped. A zero row
+    in the same block gets sim 0 (dist sqrt 2) every time."""
+    rng = np.random.default_rng(0)
+    centres = kernels.normalize_rows(rng.standard_normal((50, 16), dtype=np.float32))
+    sims = []
+    for c in centres:
+        out = kernels.assign_block_cosine(np.stack([3 * c, -7 * c, np.zeros_like(c)]), c[None])
+        sims.append(out["sim"])
+        np.testing.assert_allclose(out["dist"], [0.0, 2.0, np.sqrt(2)], atol=1e-3)
+    sims = np.array(sims)
+    assert (sims[:, 0] <= 1.0).all() and (sims[:, 0] > 1 - 1e-6).all()
+    assert (sims[:, 1] >= -1.0).all() and (sims[:, 1] < -1 + 1e-6).all()
+    assert (sims[:, 2] == 0.0).all()
