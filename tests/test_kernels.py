@@ -235,6 +235,10 @@ def test_normalize_rows_in_place_and_zero_rows():
     same = kernels.normalize_rows(x, out=x)
     assert same is x
     np.testing.assert_allclose(x, [[0.6, 0.8], [0.0, 0.0]])
+    # Any input comes back float32, as documented (a float64 sum of rows, say).
+    unit = kernels.normalize_rows(np.array([[0.0, 2.0], [1.0, 1.0]]))
+    assert unit.dtype == np.float32
+    np.testing.assert_allclose(unit, [[0, 1], [np.sqrt(0.5), np.sqrt(0.5)]], rtol=1e-7)
 
 
 def reference_spherical_step(batch, centres, counts):
@@ -288,3 +292,168 @@ def test_reseed_from_block_lands_in_the_worst_served_group_not_on_an_outlier():
     np.testing.assert_array_equal(same, centres)
     more, _ = kernels.reseed_from_block(block, sims, 2, np.random.default_rng(0))
     assert len(more) <= 2
+
+
+def reference_reseed(block, sims, n_new, seed, min_captured=3, per_centre=2, neighbours=8):
+    """:func:`kernels.reseed_from_block` written out in float64 loops: the same generator
+    draws (``max(16, per_centre x n_new)`` uniforms, at most one per row, scaled to the
+    total ``1 - cos`` weight), each candidate denoised into the normalised sum of its
+    ``neighbours`` most similar rows, then the greedy choice by total cosine gain."""
+    x = block.astype(np.float64)
+    n = len(x)
+    current = sims.astype(np.float64)
+    weight = np.maximum(1.0 - current, 0.0)
+    if n_new <= 0 or n == 0 or weight.sum() <= 0:
+        return np.empty((0, block.shape[1])), []
+    cumulative = np.cumsum(weight)
+    draws = np.random.default_rng(seed).random(min(n, max(16, per_centre * n_new)))
+    candidates = []
+    for u in draws * cumulative[-1]:
+        above = np.flatnonzero(cumulative >= u)
+        candidates.append(above[0] if len(above) else n - 1)
+    proposals = []
+    for c in candidates:
+        closest = np.argsort(-(x @ x[c]), kind="stable")[: min(neighbours, n)]
+        total = x[closest].sum(axis=0)
+        proposals.append(total / np.linalg.norm(total))
+    cos = np.array(proposals) @ x.T
+    taken, centres, captured = set(), [], []
+    for _ in range(n_new):
+        gains = [
+            -1.0 if p in taken else np.maximum(cos[p] - current, 0.0).sum() for p in range(len(cos))
+        ]
+        best = int(np.argmax(gains))
+        members = cos[best] > current
+        if gains[best] <= 0 or members.sum() < min_captured:
+            break
+        taken.add(best)
+        centre = x[members].sum(axis=0)
+        centre /= np.linalg.norm(centre)
+        current = np.maximum(current, np.maximum(cos[best], x @ centre))
+        centres.append(centre)
+        captured.append(int(members.sum()))
+    return np.array(centres).reshape(-1, block.shape[1]), captured
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "n_new", "seed"), [(60, 2, 0), (60, 10, 1), (25, 3, 2), (200, 12, 3)]
+)
+def test_reseed_from_block_matches_reference(n_rows, n_new, seed):
+    """Random unit rows in a few loose groups, each row served with a random cosine: the
+    chosen centres and captured counts are the reference's, with the default settings."""
+    rng = np.random.default_rng(10 + seed)
+    directions = kernels.normalize_rows(rng.standard_normal((6, 12), dtype=np.float32))
+    rows = directions[rng.integers(0, 6, n_rows)]
+    block = kernels.normalize_rows(rows + 0.4 * rng.standard_normal(rows.shape, np.float32))
+    sims = rng.uniform(-0.2, 1.0, n_rows).astype(np.float32)
+    centres, captured = kernels.reseed_from_block(block, sims, n_new, np.random.default_rng(seed))
+    expected, expected_captured = reference_reseed(block, sims, n_new, seed)
+    assert len(expected_captured) > 0
+    assert captured.tolist() == expected_captured
+    np.testing.assert_allclose(centres, expected, atol=1e-5)
+    assert centres.dtype == np.float32 and captured.dtype == np.int64
+
+
+def test_reseed_from_block_stops_below_min_captured():
+    """Three look-alike rows served at cosine 0.75 (a total ``1 - cos`` weight under 1)
+    and two rows served perfectly: every candidate is one of the three, whose proposal
+    captures exactly those three rows: a new centre at the default ``min_captured=3``,
+    none at 4."""
+    a = np.array([1.0, 0.0, 0.0], np.float32)
+    block = kernels.normalize_rows(
+        np.array([a + [0, 0.01, 0], a + [0, 0, 0.01], a, [0, 1, 0], [0, 0, 1]], np.float32)
+    )
+    sims = np.array([0.75, 0.75, 0.75, 1.0, 1.0], np.float32)
+    centres, captured = kernels.reseed_from_block(block, sims, 2, np.random.default_rng(0))
+    assert captured.tolist() == [3]
+    expected = block[:3].astype(np.float64).sum(0)
+    np.testing.assert_allclose(centres[0], expected / np.linalg.norm(expected), atol=1e-6)
+    none, _ = kernels.reseed_from_block(block, sims, 2, np.random.default_rng(0), min_captured=4)
+    assert none.shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "n_new", "sims"),
+    [(0, 1, None), (6, 0, None), (1, 1, None), (6, 2, 1.0), (6, 2, 1.5)],
+    ids=["no-rows", "none-asked", "one-row", "all-served", "above-one"],
+)
+def test_reseed_from_block_finds_nothing_to_do(n_rows, n_new, sims):
+    """No rows, no centre asked for, one row (it can capture only itself), or every row
+    served perfectly: no centre, as empty arrays of the right shape and dtypes."""
+    rng = np.random.default_rng(0)
+    block = kernels.normalize_rows(rng.standard_normal((n_rows, 4), dtype=np.float32))
+    sims = np.full(n_rows, 0.0 if sims is None else sims, np.float32)
+    centres, captured = kernels.reseed_from_block(block, sims, n_new, rng)
+    assert centres.shape == (0, 4) and centres.dtype == np.float32
+    assert captured.shape == (0,) and captured.dtype == np.int64
+
+
+def test_reseed_from_block_draws_from_every_row_of_the_block():
+    """Only the last rows are badly served (the first two perfectly): candidates are drawn
+    by the total weight, which is all in the tail."""
+    rng = np.random.default_rng(4)
+    tail = kernels.normalize_rows(
+        np.ones((1, 8), np.float32) + 0.05 * rng.standard_normal((10, 8), dtype=np.float32)
+    )
+    head = kernels.normalize_rows(-np.ones((2, 8), np.float32))
+    block = np.concatenate([head, tail])
+    sims = np.concatenate([np.ones(2), np.zeros(10)]).astype(np.float32)
+    centres, captured = kernels.reseed_from_block(block, sims, 1, np.random.default_rng(1))
+    assert captured.tolist() == [10]
+    expected, _ = reference_reseed(block, sims, 1, 1)
+    np.testing.assert_allclose(centres, expected, atol=1e-5)
+
+
+def test_spherical_minibatch_step_leaves_centres_without_members_alone():
+    """A centre no row of the batch goes to keeps its position and count, also with no
+    members so far (count 0: its mean would be 0 / 0)."""
+    batch = kernels.normalize_rows(np.array([[1, 0.1, 0], [1, -0.1, 0], [0.1, 1, 0]], np.float32))
+    centres = kernels.normalize_rows(
+        np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, -1]], np.float32)
+    )
+    counts = np.array([0.0, 4.0, 0.0, 7.0])
+    new, new_counts, labels, _ = kernels.spherical_minibatch_step(batch, centres, counts)
+    assert labels.tolist() == [0, 0, 1]
+    np.testing.assert_array_equal(new[2:], centres[2:])
+    np.testing.assert_array_equal(new_counts, [2.0, 5.0, 0.0, 7.0])
+    np.testing.assert_allclose(new[0], [1, 0, 0], atol=1e-7)
+
+
+def test_spherical_cluster_sums_matches_numpy_with_empty_clusters():
+    """Per-cluster sums and counts of unit rows and their total best cosine, against plain
+    numpy; the last two centres win no row, so the shapes must still be ``k``."""
+    rng = np.random.default_rng(5)
+    block = rng.standard_normal((200, 6), dtype=np.float32)
+    block[:, 0] = np.abs(block[:, 0]) + 0.5  # every row on the +x side
+    block = kernels.normalize_rows(block)
+    near = rng.standard_normal((4, 6), dtype=np.float32)
+    near[:, 0] = np.abs(near[:, 0]) + 0.5
+    far = np.array([[-1, 0, 0, 0, 0, 0], [-1, 0.1, 0, 0, 0, 0]], np.float32)
+    centres = kernels.normalize_rows(np.concatenate([near, far]))
+    sums, counts, total = kernels.spherical_cluster_sums(block, centres)
+    cos = block.astype(np.float64) @ centres.T.astype(np.float64)
+    labels = cos.argmax(axis=1)
+    assert sums.shape == (6, 6) and counts.shape == (6,) and counts.dtype == np.int64
+    assert sums.dtype == np.float64  # summed in float64, as documented
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=6))
+    assert counts[4:].tolist() == [0, 0]
+    for j in range(6):
+        np.testing.assert_allclose(sums[j], block[labels == j].astype(np.float64).sum(0), atol=1e-5)
+    assert total == pytest.approx(cos.max(axis=1).sum(), rel=1e-6)
+
+
+def test_assign_block_cosine_keeps_the_cosine_in_range_and_zero_rows_at_zero():
+    """A row along its only centre has cosine 1 and against it -1; float32 rounding of the
+    dot product and norm can land a hair outside [-1, 1], which must be clipped. A zero row
+    in the same block gets sim 0 (dist sqrt 2) every time."""
+    rng = np.random.default_rng(0)
+    centres = kernels.normalize_rows(rng.standard_normal((50, 16), dtype=np.float32))
+    sims = []
+    for c in centres:
+        out = kernels.assign_block_cosine(np.stack([3 * c, -7 * c, np.zeros_like(c)]), c[None])
+        sims.append(out["sim"])
+        np.testing.assert_allclose(out["dist"], [0.0, 2.0, np.sqrt(2)], atol=1e-3)
+    sims = np.array(sims)
+    assert (sims[:, 0] <= 1.0).all() and (sims[:, 0] > 1 - 1e-6).all()
+    assert (sims[:, 1] >= -1.0).all() and (sims[:, 1] < -1 + 1e-6).all()
+    assert (sims[:, 2] == 0.0).all()

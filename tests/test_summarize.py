@@ -341,3 +341,20 @@ def test_cluster_summary_in_model_ids(labelled, summary):
     pd.testing.assert_frame_equal(out[same], summary[same])
     with pytest.raises(ValueError, match="5 ids"):
         summarize.cluster_summary(relabelled, CENTRES, ids[:3])
+
+
+def test_defaults_three_tags_eight_samples_top_ten(labelled, summary):
+    """The defaults the report relies on: three tags, eight sample members, top 10."""
+    assert summarize.dominant_tags(pd.Series(list("aabbccd"))) == "a 29%, b 29%, c 29%"
+    many = pd.DataFrame({"object_id": np.arange(12), "cluster": 0, "sim": np.linspace(0, 1, 12)})
+    top, tail = summarize.cluster_samples(many, 0)
+    assert top["object_id"].tolist() == list(range(11, 3, -1))
+    assert tail["object_id"].tolist() == list(range(8))
+    text = summarize.summary_markdown(summary, summarize.funnel(26, REJECTS, labelled))
+    assert text.startswith("# Clustering summary\n\n## Funnel\n\n")  # no extra text
+    assert "## Top 10 and tail 10 clusters before post-processing" in text
+
+
+def test_summary_markdown_flags_a_funnel_that_does_not_add_up(summary, labelled):
+    text = summarize.summary_markdown(summary, summarize.funnel(27, REJECTS, labelled))
+    assert "output + removed = input): **NO**" in text
