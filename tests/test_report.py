@@ -342,6 +342,21 @@ def test_report_by_cluster_blocks_equals_one_block(thumbs_run, tmp_path, monkeyp
     assert [name for name in expected if got[name] != expected[name]] == []
 
 
+def test_report_removes_a_killed_runs_split_files_only(report_run):
+    # A report killed while its members were split by block leaves report-<run id> in the
+    # staging folder: the next report run removes it, and nothing else there.
+    cfg, paths = report_run
+    staging = Path(paths.staging)
+    stale = staging / "report-20260101T000000-abcdef"
+    stale.mkdir(parents=True)
+    (stale / "split-00000.arrow").write_bytes(b"partial")
+    users = staging / "report-notes"
+    users.mkdir()
+    run(cfg, stages=("report",), force=True)
+    assert not stale.exists() and users.exists()
+    users.rmdir()
+
+
 def source_of(cfg, row) -> Path:
     return Path(cfg.input.images_root) / row["username"] / f"{row['image_name']}.jpg"
 

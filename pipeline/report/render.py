@@ -86,11 +86,11 @@ def member_records(
     removed_clusters: set[int],
 ) -> list[dict]:
     """The card of every member (the values of :data:`CARD_COLUMNS`, a list each, rows of
-    ``postprocessed.parquet`` in order), as the JSON the page's script lays out: ``id``, ``c`` cluster, ``k`` kept,
-    ``s`` status, ``sim``, ``d`` distance, ``tag``, ``sc`` score, ``u`` user, ``im``
-    image, ``ix`` idx, ``b`` bbox, ``x`` excludable, and ``t`` its thumbnail
-    ``[name, width, height]`` or ``src`` its source image (relative to ``clusters/``;
-    ``urls`` are relative to the report's folder).
+    ``postprocessed.parquet`` in order), as the JSON the page's script lays out: ``id``,
+    ``c`` cluster, ``k`` kept, ``s`` status, ``sim``, ``d`` distance, ``tag``, ``sc``
+    score, ``u`` user, ``im`` image, ``ix`` idx, ``b`` bbox, ``x`` excludable, and ``t``
+    its thumbnail ``[name, width, height]`` or ``src`` its source image (relative to
+    ``clusters/``; ``urls`` are relative to the report's folder).
 
     Kept members can be excluded from a group; so can the members of a removed cluster
     that passed the dedupe step (the rows ``include_removed`` brings in).
