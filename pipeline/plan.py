@@ -367,8 +367,9 @@ def estimate_resources(
     keeps the validated table memory-mapped; what grows is the transient grouping of the
     rows by embedding file (~170 bytes a row); predict holds one block and its score
     matrix per worker; post-processing one status byte per object, a cluster block and a
-    Parquet row group of kept rows (~150 MiB). Disk counts what the stage leaves behind, plus the staging
-    memmap for ingest.
+    Parquet row group of kept rows (~150 MiB); the report one block of members (~100,000
+    rows) and the overview's picks per cluster. Disk counts what the stage leaves behind
+    (the report's pages hold every member), plus the staging memmap for ingest.
 
     >>> e = estimate_resources(1_000_000, 1792, 8192, 600, 2)
     >>> round(e["ingest"].disk_bytes / 2**30, 1), round(e["ingest"].peak_bytes / 2**20)
@@ -388,7 +389,8 @@ def estimate_resources(
             140 * n_rows,
         ),
         "postprocess": StageEstimate(_BASE_BYTES + (150 << 20) + 4 * n_rows, 300 * n_rows),
-        "report": StageEstimate(_BASE_BYTES + 100 * n_rows, n_clusters * 16 * 8_000),
+        "report": StageEstimate(_BASE_BYTES + (150 << 20) + 20_000 * n_clusters,
+                                750 * n_rows + n_clusters * 16 * 8_000),
     }  # fmt: skip
 
 
@@ -411,7 +413,10 @@ FIT_OVER_GEMM = 2.8
 PREDICT_OVER_GEMM = 1.8
 REFINE_OVER_GEMM = 1.8
 POSTPROCESS_CORE_SECONDS_PER_ROW = 12e-6
-REPORT_SECONDS_PER_ROW = 2e-6
+#: The report: its split and two passes over the members on the client, and the cluster
+#: pages on the client's cores (1M x 256 on this box: 40 s on 2 cores).
+REPORT_CLIENT_SECONDS_PER_ROW = 25e-6
+REPORT_PAGES_CORE_SECONDS_PER_ROW = 30e-6
 
 
 @dataclass(frozen=True)
@@ -478,7 +483,9 @@ def estimate_at_scale(
                     f"GEMM on {cores} cores"),
         "postprocess": (POSTPROCESS_CORE_SECONDS_PER_ROW * n_rows / cores,
                         f"the shuffle and writes on {cores} cores"),
-        "report": (REPORT_SECONDS_PER_ROW * n_rows, "the client"),
+        "report": (REPORT_CLIENT_SECONDS_PER_ROW * n_rows
+                   + REPORT_PAGES_CORE_SECONDS_PER_ROW * n_rows / threads_per_worker,
+                   "the client's passes over the members"),
     }  # fmt: skip
     return {
         name: ScaleEstimate(t, resources[name].peak_bytes, resources[name].disk_bytes, why)
