@@ -616,12 +616,14 @@ def describe_scale(
     )
     estimates = estimate_at_scale(cfg.train, n_rows, dim, n_clusters, n_workers, threads,
                                   cfg.ingest.chunk_rows, rate, on_workers)  # fmt: skip
-    n_blocks = math.ceil(n_rows / max(1, min(cfg.ingest.chunk_rows, n_rows)))
+    chunk_rows = max(1, min(cfg.ingest.chunk_rows, n_rows))
+    n_blocks = math.ceil(n_rows / chunk_rows)
+    refine = refine_iterations(cfg.train, n_rows, min(cfg.train.batch_size, chunk_rows))
     lines = [
         f"scale: {n_rows:,} rows x {dim} dims ({_mib(n_rows * dim * 4)} of vectors), "
         f"k = {n_clusters}, {n_workers} worker(s) x {threads} core(s); train.strategy "
         f"{cfg.train.strategy} (chain over {sampled_blocks(cfg.train, n_blocks):,} of "
-        f"{n_blocks:,} blocks x {cfg.train.epochs} epoch(s), {refine_iterations(cfg.train)} "
+        f"{n_blocks:,} blocks x {cfg.train.epochs} epoch(s), {refine} "
         f"refinement pass(es)); ingest {'on the workers' if on_workers else 'on the client'}; "
         f"GEMM {source}: {rate:.0f} GFLOP/s per core",
         f"  {'stage':<12} {'time':>10} {'peak memory':>12} {'disk':>10}  bound by",

@@ -350,6 +350,30 @@ def test_batch_size_smaller_than_k(tmp_path):
         plan_training(EuclideanTrain(n_clusters=50, batch_size=32), 1000, 8, 500, 1)
 
 
+def test_a_small_store_is_topped_up_with_refinement_passes(tmp_path):
+    """A chain of fewer than SMALL_STORE_STEPS mini-batch steps (here one: one block of
+    1,200 rows, batch 1,200) gets SMALL_STORE_REFINE_ITERATIONS Lloyd passes by default,
+    the same fit as asking for them; a store of that many steps gets none."""
+    from pipeline.plan import SMALL_STORE_REFINE_ITERATIONS, SMALL_STORE_STEPS
+
+    x, truth, _ = make_blobs(1200, 16, 20, seed=11, separation=2.0)
+    url = write_store(str(tmp_path / "small.zarr"), x, 1200)
+    plan, auto = fit(EuclideanTrain(n_clusters=20, seed=0), url, x, 1200)
+    assert plan.refine_iterations == SMALL_STORE_REFINE_ITERATIONS == 10
+    refines = [h["step"] for h in auto.history if h["step"].startswith("refine")]
+    assert refines == [f"refine {i}" for i in range(1, 11)]
+    _, asked = fit(EuclideanTrain(n_clusters=20, seed=0, refine_iterations=10), url, x, 1200)
+    np.testing.assert_array_equal(auto.centres, asked.centres)
+    _, bare = fit(EuclideanTrain(n_clusters=20, seed=0, refine_iterations=0), url, x, 1200)
+    assert inertia(x, auto.centres) < inertia(x, bare.centres)
+    # Enough steps: rows = SMALL_STORE_STEPS batches.
+    big = plan_training(EuclideanTrain(n_clusters=20, batch_size=300), 1200, 16, 300, 1)
+    assert 1200 // 300 == SMALL_STORE_STEPS and big.refine_iterations == 0
+    short = plan_training(EuclideanTrain(n_clusters=20, batch_size=300), 900, 16, 300, 1)
+    assert short.refine_iterations == 10  # 3 steps
+    two = plan_training(EuclideanTrain(n_clusters=20, batch_size=300, epochs=2), 900, 16, 300, 1)
+    assert two.refine_iterations == 0  # 2 epochs x 3 steps
+
 # ----------------------------------------------------------------------------- strategy
 
 
