@@ -374,6 +374,7 @@ def test_a_small_store_is_topped_up_with_refinement_passes(tmp_path):
     two = plan_training(EuclideanTrain(n_clusters=20, batch_size=300, epochs=2), 900, 16, 300, 1)
     assert two.refine_iterations == 0  # 2 epochs x 3 steps
 
+
 # ----------------------------------------------------------------------------- strategy
 
 
