@@ -55,12 +55,17 @@ class FittedModel:
         return self.estimator.cluster_centers_
 
 
+def seeding_projection(plan: TrainPlan, cfg: TrainConfig) -> int | None:
+    """``init_projection_dim`` where seeding on the projection is the cheaper way."""
+    return kernels.seeding_projection_dim(plan.n_clusters, plan.dim, cfg.init_projection_dim)
+
+
 def init_model(url: str, plan: TrainPlan, cfg: TrainConfig) -> FittedModel:
     """k-means++ on the store's first ``init_size`` rows (a uniform random sample)."""
     with threadpool_limits(plan.blas_threads):
         sample = store.read_rows(url, 0, plan.init_size)
         centres = kernels.kmeans_plusplus(
-            sample, plan.n_clusters, plan.seed, cfg.init_projection_dim, overwrite_sample=True
+            sample, plan.n_clusters, plan.seed, seeding_projection(plan, cfg), overwrite_sample=True
         )
         del sample
     estimator = MiniBatchKMeans(
@@ -165,7 +170,7 @@ def init_spherical_model(url: str, plan: TrainPlan, cfg: TrainConfig) -> Spheric
         sample = store.read_rows(url, 0, plan.init_size)
         kernels.normalize_rows(sample, out=sample)
         centres = kernels.kmeans_plusplus(
-            sample, plan.n_clusters, plan.seed, cfg.init_projection_dim, overwrite_sample=True
+            sample, plan.n_clusters, plan.seed, seeding_projection(plan, cfg), overwrite_sample=True
         )
         del sample
     k = plan.n_clusters

@@ -192,6 +192,22 @@ def test_kmeans_plusplus_potential_close_to_sklearn(n, dim, k, projection_dim, s
     assert np.median(ratios) <= 1.10, ratios
 
 
+@pytest.mark.parametrize(("k", "projected"), [(12, False), (500, True)])
+def test_the_fit_seeds_on_the_projection_only_where_it_is_cheaper(tmp_path, k, projected):
+    """Greedy k-means++ with k x (2 + ln k) candidate scans, against the randomized SVD's
+    6 passes of 266 columns, per sample row: on 600 dims 12 centres cost 12 x 4 x 600 =
+    28,800 in full, 12 x 4 x 256 + 6 x 600 x 266 = 0.97 M projected; 500 centres 2.40 M in
+    full, 1.98 M projected. The fit's initial centres are the kernel's with that choice."""
+    x = blob_sample(1200, 600, 12, seed=4)
+    url = write_store(str(tmp_path / "s.zarr"), x, 1200)
+    cfg = EuclideanTrain(n_clusters=k, init_size=1200, init_projection_dim=256, seed=3)
+    plan = plan_training(cfg, len(x), x.shape[1], 1200, blas_threads=1)
+    centres = init_model(url, plan, cfg).estimator.init
+    with threadpool_limits(1):
+        expected = kernels.kmeans_plusplus(x.copy(), k, 3, 256 if projected else None)
+    np.testing.assert_allclose(centres, expected, rtol=0, atol=1e-5)
+
+
 def test_kmeans_plusplus_overwrite_sample_only_when_asked():
     x = blob_sample(600, 64, 5, seed=1)
     before = x.copy()
