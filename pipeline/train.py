@@ -292,16 +292,45 @@ def spherical_block_sums(
 
 
 def spherical_lloyd_update(
-    model: SphericalModel, stats: tuple[np.ndarray, np.ndarray, float], iteration: int
+    model: SphericalModel,
+    stats: tuple[np.ndarray, np.ndarray, float],
+    iteration: int,
+    url: str,
+    plan: TrainPlan,
+    cfg: TrainConfig,
 ) -> SphericalModel:
-    """Each centre becomes the normalised sum of its members; an empty one stays."""
+    """Each centre becomes the normalised sum of its members; an empty one stays. Then
+    centres that won too few rows in this pass (the chain's rule: fewer than
+    ``reseed_min_members`` per ``16 x n_clusters`` rows) are re-seeded among the
+    worst-served rows of one seeded block, as in the chain: a full-batch pass would
+    otherwise leave them wasted to the end."""
     sums, counts, sim_total = stats
     model = copy.deepcopy(model)
     filled = counts > 0
     model.unit_centres[filled] = kernels.normalize_rows(sums[filled].astype(np.float32))
-    model.history.append({"step": f"refine {iteration}", "mean_sim_before":
-                          sim_total / max(1, int(counts.sum())),
-                          "empty_clusters": int((~filled).sum())})  # fmt: skip
+    entry = {"step": f"refine {iteration}", "mean_sim_before": sim_total / max(1, int(counts.sum())),
+             "empty_clusters": int((~filled).sum())}  # fmt: skip
+    model.history.append(entry)
+    if cfg.reseed_min_members <= 0:
+        return model
+    dead = np.flatnonzero(counts * plan.reseed_window < cfg.reseed_min_members * plan.n_rows)
+    if len(dead) == 0:
+        return model
+    rng = np.random.default_rng([plan.seed, plan.epochs, iteration])
+    block_index = int(rng.integers(plan.n_blocks))
+    with threadpool_limits(plan.blas_threads):
+        block = store.read_rows_reusing_buffer(url, *plan.block_bounds(block_index))
+        kernels.normalize_rows(block, out=block)
+        _, sims = kernels.best_cosine(block, model.unit_centres)
+        new, captured = kernels.reseed_from_block(
+            block, sims, len(dead), rng, min_captured=max(3, cfg.reseed_min_members + 1)
+        )
+    replaced = dead[: len(new)]
+    model.unit_centres[replaced] = new
+    model.counts[replaced] = captured
+    model.members[replaced], model.sim_sums[replaced], model.seen[replaced] = 0, 0.0, 0
+    entry.update(starved=int(len(dead)), block=block_index,
+                 reseeded=[int(j) for j in replaced], captured=[int(c) for c in captured])  # fmt: skip
     return model
 
 
@@ -388,7 +417,7 @@ def fit_spherical(cfg: TrainConfig, plan: TrainPlan, store_url: str) -> delayed:
             for b in range(plan.n_blocks)
         ]
         model = delayed(spherical_lloyd_update, pure=True)(
-            model, _tree_reduce(stats, add_stats), iteration
+            model, _tree_reduce(stats, add_stats), iteration, store_url, plan, cfg
         )
     return delayed(finish_spherical, pure=True)(model, cfg, plan)
 

@@ -169,13 +169,10 @@ def worker_ours(
     timings = {("fit" if k == "train" else k): v for k, v in result.timings.items()}
     table = sinks.read_parquet(result.catalog.assignments, columns=["source_row", "cluster", "sim"])
     table = table.sort_values("source_row")
-    _save(
-        out,
-        timings,
-        result.catalog.read_centres(),
-        table["cluster"].to_numpy(),
-        table["sim"].to_numpy(),
-    )
+    # Cluster ids may be kept from the folder's previous run (train.keep_ids): the
+    # reviewer's columns count centres by row, so labels become centre rows.
+    rows = np.searchsorted(result.catalog.read_cluster_ids(), table["cluster"].to_numpy())
+    _save(out, timings, result.catalog.read_centres(), rows, table["sim"].to_numpy())
 
 
 def worker_ours_stages(data: Path, out: Path, args) -> None:

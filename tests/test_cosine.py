@@ -115,6 +115,37 @@ def test_reseeding_removes_empty_centres_that_minibatch_kmeans_leaves(tmp_path):
     assert (off_sizes == 0).sum() >= 2
 
 
+def test_refinement_passes_reseed_starved_centres(tmp_path):
+    """Full-batch spherical passes from an initialisation with three centres far from
+    every row: without re-seeding those stay empty to the end; with it each pass re-seeds
+    the centres that won too few rows, and three passes give one centre per group."""
+    x, init, url = _starving_data(tmp_path)
+    k = len(init)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def refine(cfg, passes):
+        plan = plan_training(cfg, len(x), x.shape[1], 300, 1)
+        model = train.SphericalModel(init.copy(), np.zeros(k), np.zeros(k, np.int64),
+                                     np.zeros(k), np.zeros(k, np.int64))  # fmt: skip
+        for i in range(1, passes + 1):
+            parts = [train.spherical_block_sums(url, *plan.block_bounds(b), model.centres, 1)
+                     for b in range(plan.n_blocks)]  # fmt: skip
+            stats = (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts))
+            model = train.spherical_lloyd_update(model, stats, i, url, plan, cfg)
+        return model, np.bincount((unit @ model.centres.T).argmax(1), minlength=k)
+
+    cfg = TrainConfig(metric="cosine", n_clusters=k, batch_size=300, seed=0)
+    model, sizes = refine(cfg, 3)
+    assert sorted(sizes.tolist()) == [300] * 6
+    refines = [h for h in model.history if h["step"].startswith("refine")]
+    assert refines[0]["starved"] == 3 and refines[0]["reseeded"] == [3, 4, 5]
+    assert all(c >= 3 for h in refines for c in h.get("captured", []))
+
+    off, off_sizes = refine(cfg.model_copy(update={"reseed_min_members": 0}), 3)
+    assert (off_sizes == 0).sum() >= 2  # measured: sizes 0, 0, 300, 300, 300, 900
+    assert not any("reseeded" in h for h in off.history)
+
+
 def test_sink_cluster_is_found_and_split():
     k = 10
     model = train.SphericalModel(
