@@ -252,3 +252,43 @@ def test_content_fingerprint_sees_a_rewrite_with_the_same_size_and_mtime(
     assert verdicts(cfg)["ingest"] == (False, ("the contents of input.embeddings_root changed",))
     stat_cfg = with_values(cfg, ingest={"fingerprint": "stat"})
     assert "ingest.fingerprint changed" in verdicts(stat_cfg)["ingest"][1][0]
+
+
+@pytest.mark.parametrize("mode", ["stat", "content"])
+def test_named_files_fingerprint_over_chunks_sees_each_file_and_the_order(
+    tmp_path, monkeypatch, mode
+):
+    """The files are visited in chunks by a thread pool: the result must not depend on
+    the chunking, and must change when any one file (in any chunk) changes, disappears,
+    or when two files swap places in the list."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import runner
+
+    files = []
+    for i in range(10):
+        f = tmp_path / f"e{i}.npy"
+        f.write_bytes(bytes([i]) * (10 + i))
+        os.utime(f, ns=(10**18, 10**18 + i))
+        files.append(str(f))
+    listing = tmp_path / "files.parquet"
+
+    def fingerprint(paths, chunk):
+        pq.write_table(pa.table({"path": paths}), listing)
+        monkeypatch.setattr(runner, "_FINGERPRINT_CHUNK", chunk)
+        return runner.named_files_fingerprint(str(listing), mode)
+
+    whole = fingerprint(files, 4096)
+    assert whole.startswith(f"{mode}:") and fingerprint(files, 3) == whole
+    assert fingerprint(files[:7] + [files[8], files[7], files[9]], 3) != whole
+    target = Path(files[7])  # the third chunk of 3
+    if mode == "stat":
+        os.utime(target, ns=(10**18, 10**18 + 100))
+    else:  # same size and mtime, other bytes
+        target.write_bytes(b"\xff" * 17)
+        os.utime(target, ns=(10**18, 10**18 + 7))
+    changed = fingerprint(files, 3)
+    assert changed != whole and fingerprint(files, 4096) == changed
+    target.unlink()
+    assert fingerprint(files, 3) not in (whole, changed)
