@@ -1,6 +1,7 @@
 """The objects table: read the CSV and give every row a reject reason (pure checks).
 
-:func:`read_objects_csv` is the only function here that touches a file; everything else
+Only the readers touch the file (:func:`stream_objects_csv` and its helpers, and
+:func:`csv_partitions`, which cuts it into byte ranges for the workers); everything else
 takes a table and returns reasons, so the checks are testable without files.
 """
 
