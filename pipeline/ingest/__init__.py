@@ -132,7 +132,10 @@ def read_and_validate(
             candidates, rejects = finish(parts, select)
             return candidates, rejects, n_input_rows
         shutil.rmtree(parts_dir, ignore_errors=True)
-        log.info("objects CSV: the workers' fast parse refused %s; reading it here", csv_path)
+        log.info(
+            "objects CSV %s: not checked on the workers (the fast parse refused a range, or no rows); reading it here",
+            csv_path,
+        )
     rows = CheckedRows(staging_path, select, on_bad_bbox)
     try:
         n_input_rows = stream_objects_csv(csv_path, rows.visit, rows.restart, block_bytes)
