@@ -133,7 +133,8 @@ def read_and_validate(
             return candidates, rejects, n_input_rows
         shutil.rmtree(parts_dir, ignore_errors=True)
         log.info(
-            "objects CSV %s: not checked on the workers (the fast parse refused a range, or no rows); reading it here",
+            "objects CSV %s: not checked on the workers (the fast parse refused a range, "
+            "or no rows); reading it here",
             csv_path,
         )
     rows = CheckedRows(staging_path, select, on_bad_bbox)
