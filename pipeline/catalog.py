@@ -147,6 +147,11 @@ class Catalog:
         memory-mapped, so the table is not held in the process's private memory)."""
         return store.join(self.staging, f"objects-{run_id}.arrow")
 
+    def objects_staging_parts(self, run_id: str) -> str:
+        """The folder of the validated objects of run ``run_id`` when the workers check
+        the CSV: an Arrow file per byte range of the file."""
+        return store.join(self.staging, f"objects-{run_id}")
+
     # ------------------------------------------------------------------ existence
 
     @staticmethod

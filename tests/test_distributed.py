@@ -3,8 +3,11 @@ subprocesses on 127.0.0.1, compared byte for byte with a local threaded run."""
 
 from __future__ import annotations
 
+import csv as csv_module
 import glob
 import hashlib
+import io
+import json
 import os
 import signal
 import socket
@@ -12,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ import pytest
 from distributed import Client
 
 from pipeline.errors import ConfigError, SchedulerError
+from pipeline.ingest.objects import csv_partitions
 from pipeline.runner import run
 from pipeline.synthetic import make_demo_dataset
 from tests.conftest import config_for
@@ -307,41 +312,90 @@ def task_prefixes(address: str) -> set[str]:
         return client.run_on_scheduler(lambda dask_scheduler: set(dask_scheduler.task_prefixes))
 
 
-def test_ingest_on_hand_started_workers_equals_local(damaged, local_ingest, cluster, tmp_path):
+#: Bytes of CSV per range checked by a task in these tests: the damaged dataset's CSV
+#: (~650 KB) in ~20 ranges.
+SMALL_CSV_PARTITIONS = 32 << 10
+
+
+@pytest.fixture
+def csv_on_workers_only(monkeypatch):
+    """Cut the objects CSV into small ranges, and fail if the client reads it itself
+    (its streamed read is the fallback only). Yields the client's read calls."""
+    import pipeline.ingest
+    from pipeline.ingest import objects
+
+    monkeypatch.setattr(objects, "CSV_PARTITION_BYTES", SMALL_CSV_PARTITIONS)
+    calls: list[str] = []
+    client_read = pipeline.ingest.stream_objects_csv
+
+    def watched(path, *args, **kwargs):
+        calls.append(path)
+        return client_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.ingest, "stream_objects_csv", watched)
+    yield calls
+
+
+def no_staging_left(out: Path) -> bool:
+    return not glob.glob(str(out / "_staging" / "*" / "parts-*")) and not glob.glob(
+        str(out / "_staging" / "*" / "objects-*")
+    )
+
+
+def test_ingest_on_hand_started_workers_equals_local(
+    damaged, local_ingest, cluster, tmp_path, csv_on_workers_only
+):
     out = tmp_path / "out"
     run(ingest_cfg(damaged, out, scheduler=cluster.address), ("ingest",))
     expected = ingest_bytes(local_ingest)
     assert len([p for p in expected if "/c/" in p]) >= 2 * (3000 // 128)  # vectors + ids chunks
     assert ingest_bytes(out) == expected
+    assert json.loads((out / "ingest.json").read_text()) == json.loads(
+        (local_ingest / "ingest.json").read_text()
+    )
     rejects = pd.read_parquet(out / "rejects.parquet")
     assert len(rejects) >= 2 and set(rejects["reason"]) >= {"non_finite_vector", "zero_vector"}
-    # The reads and the chunk writes ran as tasks on the cluster, and left no staging.
+    # The CSV checks, the reads and the chunk writes ran as tasks on the cluster (the
+    # CSV in several ranges, never read by the client), and left no staging.
+    assert csv_on_workers_only == []
+    assert len(csv_partitions(damaged.objects_csv, SMALL_CSV_PARTITIONS)) >= 10
     read_task = "check_matrix_rows" if damaged.embeddings_matrix else "read_files_part"
-    assert {read_task, "write_chunk"} <= task_prefixes(cluster.address)
-    assert not glob.glob(str(out / "_staging" / "*" / "parts-*"))
+    assert {"check_partition", read_task, "write_chunk"} <= task_prefixes(cluster.address)
+    assert no_staging_left(out)
 
 
-def test_ingest_on_a_local_cluster_equals_local(damaged, local_ingest, tmp_path):
+def test_ingest_on_a_local_cluster_equals_local(
+    damaged, local_ingest, tmp_path, csv_on_workers_only
+):
     out = tmp_path / "out"
     run(ingest_cfg(damaged, out, scheduler="local-cluster", n_workers=2, threads_per_worker=1),
         ("ingest",))  # fmt: skip
     assert ingest_bytes(out) == ingest_bytes(local_ingest)
+    assert csv_on_workers_only == [] and no_staging_left(out)
 
 
-def test_ingest_on_workers_survives_a_worker_killed_mid_read(damaged, local_ingest, tmp_path):
-    if damaged.embeddings_matrix:
+@pytest.mark.parametrize("during", ["csv", "embeddings"])
+def test_ingest_on_workers_survives_a_worker_killed_mid_read(
+    damaged, local_ingest, tmp_path, csv_on_workers_only, during
+):
+    if damaged.embeddings_matrix and during == "embeddings":
         pytest.skip("the matrix layout writes no staging parts to watch")
     cluster = HandStartedCluster(tmp_path)
     try:
         out = tmp_path / "out"
         victim = cluster.workers[0]
         killed = threading.Event()
+        seen: list[int] = []
+        # The pass's parts, once 3 exist (the CSV's ranges are each written by a task).
+        parts = {"csv": ("objects-*", "part-*.arrow"), "embeddings": ("parts-*", "part-*.npy")}
+        pattern = str(out / "_staging" / "*" / parts[during][0] / parts[during][1])
 
         def kill_when_parts_appear() -> None:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                if len(glob.glob(str(out / "_staging" / "*" / "parts-*" / "part-*.npy"))) >= 3:
+                if len(found := glob.glob(pattern)) >= 3:
                     os.kill(victim.pid, signal.SIGKILL)
+                    seen.append(len(found))
                     killed.set()
                     return
                 time.sleep(0.002)
@@ -350,9 +404,63 @@ def test_ingest_on_workers_survives_a_worker_killed_mid_read(damaged, local_inge
         run(ingest_cfg(damaged, out, scheduler=cluster.address), ("ingest",))
         assert killed.is_set(), "the worker was not killed during the ingest"
         assert victim.wait(timeout=10) == -signal.SIGKILL
+        if during == "csv":  # killed before the last range's file: mid-pass
+            assert seen[0] < len(csv_partitions(damaged.objects_csv, SMALL_CSV_PARTITIONS))
         assert ingest_bytes(out) == ingest_bytes(local_ingest)
+        assert csv_on_workers_only == [] and no_staging_left(out)
     finally:
         cluster.close()
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """1,500 objects x 16 dims in per-image files: the seed of the CSV variants below."""
+    return make_demo_dataset(tmp_path_factory.mktemp("plain"), n_objects=1500, dim=16,
+                             n_true_clusters=10, seed=7)  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["repeats_across_ranges", "quoted_line_break"])
+def test_csv_variants_on_a_local_cluster_equal_local(plain, tmp_path, csv_on_workers_only, variant):
+    """Objects repeated in later ranges are rejected as locally (the first copy kept, the
+    detail naming its row); a value with a quoted line break sends the CSV to the
+    client's read (the fallback), with the local path's results."""
+    lines = plain.objects_csv.read_bytes().splitlines(keepends=True)
+    if variant == "repeats_across_ranges":
+        lines += [lines[1], lines[2], lines[700]]  # data rows 0, 1 and 699, again at the end
+        # Rows the per-row checks reject, in later ranges (their source rows are offset).
+        for line, column, value in [(900, 5, "nan"), (1201, 1, " "), (1499, 6, "-3")]:
+            fields = next(csv_module.reader([lines[line].decode()]))
+            fields[column] = value
+            text = io.StringIO()
+            csv_module.writer(text, lineterminator="\n").writerow(fields)
+            lines[line] = text.getvalue().encode()
+    else:
+        lines[300] = lines[300].replace(b'.json"', b'\n.json"', 1)  # in res_name
+        assert b'\n.json"' in lines[300]
+    csv = tmp_path / "objects.csv"
+    csv.write_bytes(b"".join(lines))
+    dataset = replace(plain, objects_csv=csv)
+    run(ingest_cfg(dataset, tmp_path / "local"), ("ingest",))
+    csv_on_workers_only.clear()
+    out = tmp_path / "cluster"
+    run(ingest_cfg(dataset, out, scheduler="local-cluster", n_workers=2, threads_per_worker=1),
+        ("ingest",))  # fmt: skip
+    assert ingest_bytes(out) == ingest_bytes(tmp_path / "local")
+    assert len(csv_partitions(csv, SMALL_CSV_PARTITIONS)) >= 5
+    rejects = pd.read_parquet(out / "rejects.parquet")
+    if variant == "repeats_across_ranges":
+        assert csv_on_workers_only == []  # read by the workers
+        n = len(lines) - 1
+        dup = rejects[rejects["reason"] == "duplicate_object"]
+        assert dup["source_row"].tolist() == [n - 3, n - 2, n - 1]
+        assert [d.split("repeats data row ")[1].split(";")[0] for d in dup["detail"]] == [
+            "0", "1", "699"]  # fmt: skip
+        bad = rejects[rejects["reason"].isin(["bad_score", "missing_key", "bad_idx"])]
+        assert bad["source_row"].tolist() == [899, 1200, 1498]
+    else:
+        assert csv_on_workers_only == [str(csv)]  # read by the client (the fallback)
+        assert len(pd.read_parquet(out / "objects.parquet")) + len(rejects) == len(lines) - 1
+    assert no_staging_left(out)
 
 
 def test_ingest_on_workers_needs_workers(small_dataset, tmp_path):

@@ -344,3 +344,169 @@ def test_file_grouping_equals_pandas_groupby(rows):
     frame = pd.DataFrame(rows, columns=["username", "image_name"], dtype="str")
     expected = frame.groupby(["username", "image_name"], sort=False).ngroup().to_numpy()
     np.testing.assert_array_equal(group_codes(frame, ["username", "image_name"]), expected)
+
+
+# --------------------------------------------------------------------------- CSV partitions
+
+
+def line_starts_oracle(data: bytes, size: int) -> list[int]:
+    """The starts of the ranges by brute force: 0, then for each multiple of ``size`` the
+    first line start at or after it (a line starts after every ``\\n``), deduplicated."""
+    line_starts = [0] + [i + 1 for i, b in enumerate(data) if b == ord("\n")]
+    starts = {0}
+    for at in range(size, len(data), size):
+        later = [s for s in line_starts if s >= at and s < len(data)]
+        if later:
+            starts.add(later[0])
+    return sorted(starts)
+
+
+@given(
+    lines=st.lists(st.text(alphabet="ab,\r", max_size=30), min_size=1, max_size=25),
+    crlf=st.booleans(),
+    final_newline=st.booleans(),
+    size=st.integers(1, 70),
+)
+@settings(max_examples=200, deadline=None)
+def test_csv_partitions_start_at_line_starts_and_cover_the_file(
+    tmp_path_factory, lines, crlf, final_newline, size
+):
+    from pipeline.ingest.objects import csv_partitions
+
+    end = "\r\n" if crlf else "\n"
+    data = (end.join(lines) + (end if final_newline else "")).encode()
+    if not data:
+        return
+    path = tmp_path_factory.mktemp("parts") / "objects.csv"
+    path.write_bytes(data)
+    ranges = csv_partitions(path, size)
+    # Contiguous, non-empty, covering the file exactly, in order.
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(data)
+    assert all(a < b for a, b in ranges)
+    assert all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
+    # Each starts at a line start: the first one at or after a multiple of ``size``.
+    assert all(a == 0 or data[a - 1 : a] == b"\n" for a, _ in ranges)
+    assert [a for a, _ in ranges] == line_starts_oracle(data, size)
+    # Cut there, the pieces are whole lines: they join back into the file's lines.
+    pieces = [data[a:b] for a, b in ranges]
+    assert all(p.endswith(b"\n") for p in pieces[:-1])
+    assert b"".join(pieces).split(b"\n") == data.split(b"\n")
+
+
+def test_csv_partitions_keep_a_long_line_whole(tmp_path):
+    from pipeline.ingest.objects import csv_partitions
+
+    path = tmp_path / "objects.csv"
+    path.write_bytes(b"h\n" + b"x" * 1000 + b"\nab\ncd")  # no final newline
+    assert csv_partitions(path, 1) == [(0, 2), (2, 1003), (1003, 1006), (1006, 1008)]
+    assert csv_partitions(path, 10) == [(0, 1003), (1003, 1008)]  # 10 ... 1000: one line
+    assert csv_partitions(path, 2000) == [(0, 1008)]
+    path.write_bytes(b"h\r\n" + b"y" * 300 + b"\r\n1\r\n")
+    assert csv_partitions(path, 100) == [(0, 305), (305, 308)]
+
+
+def objects_csv_rows(n: int) -> list[str]:
+    rows = ["batch_folder,username,res_name,bbox,tag,score,idx,image_name,extra"]
+    for i in range(n):
+        rows.append(
+            f'b,u{i % 7},r,"[0, 0, {i}, 5]",{"hat" if i % 5 else "cap"},{i / n},{i % 3},img{i % 4},x{i}'
+        )
+    return rows
+
+
+def validation_on_threads(path, select, tmp, monkeypatch, partition_bytes, block_bytes):
+    """:func:`read_and_validate` with the workers' path on a threads executor (in this
+    process), the file cut into ranges of ``partition_bytes``."""
+    from pipeline.executor import Executor
+    from pipeline.ingest import objects, read_and_validate
+
+    monkeypatch.setattr(objects, "CSV_PARTITION_BYTES", partition_bytes)
+    parts_dir = tmp / "parts"
+    staging = tmp / "staging-workers.arrow"
+    got = read_and_validate(str(path), select, "reject", str(staging), block_bytes,
+                            workers=Executor(kind="threads", n_cores=2), parts_dir=str(parts_dir))  # fmt: skip
+    return got, sorted(parts_dir.glob("part-*.arrow")), staging.exists()
+
+
+@pytest.mark.parametrize(("partition_bytes", "block_bytes"), [(1, 97), (150, 97), (700, 300),
+                                                              (5000, 97), (1 << 23, 1 << 23)])  # fmt: skip
+def test_validation_on_workers_equals_the_client_read(
+    tmp_path, monkeypatch, partition_bytes, block_bytes
+):
+    """The ranges checked as tasks, then merged (source rows offset, repeats found
+    across ranges), give the client's read exactly: candidates and rejects, dtypes and
+    order. Row 3 repeats in rows 12 and 38, in other ranges once the file is cut small."""
+    from pipeline.config import SelectConfig
+    from pipeline.ingest import read_and_validate
+    from pipeline.ingest.objects import csv_partitions
+
+    rows = objects_csv_rows(40)
+    rows[13] = rows[4]  # data row 12 repeats data row 3
+    rows[39] = rows[4]  # and so does the last row, in the last range
+    rows[26] = "b,u1,r,[0 0 1 1],hat,nan,1,img1,y"  # bad score
+    rows[34] = "b,,r,[0 0 1 1],hat,0.5,0,img9,z"  # missing username
+    rows.insert(20, "")  # a blank line is no row, on either path
+    path = tmp_path / "objects.csv"
+    path.write_text("\n".join(rows) + "\n")
+    select = SelectConfig(exclude_tags=["cap"], min_score=0.1)
+
+    expected = read_and_validate(
+        str(path), select, "reject", str(tmp_path / "staging.arrow"), block_bytes
+    )
+    got, parts, fell_back = validation_on_threads(
+        path, select, tmp_path, monkeypatch, partition_bytes, block_bytes
+    )
+    assert not fell_back
+    # A file per range with rows (size 1: every line; not the header's, nor the blank's).
+    n_ranges = len(csv_partitions(path, partition_bytes))
+    assert len(parts) == (40 if partition_bytes == 1 else n_ranges)
+    assert len(parts) >= 3 or partition_bytes > path.stat().st_size
+    assert got[2] == expected[2] == 40
+    pd.testing.assert_frame_equal(got[0], expected[0], check_exact=True)
+    pd.testing.assert_frame_equal(got[1], expected[1], check_exact=True)
+    dup = got[1][got[1]["reason"] == "duplicate_object"]
+    assert dup["source_row"].tolist() == [12, 38]
+    assert all("repeats data row 3;" in d for d in dup["detail"])
+
+
+@pytest.mark.parametrize("bad", ["quoted_line_break", "cut_inside_quotes", "malformed", "no_rows"])
+def test_validation_on_workers_falls_back_to_the_client_read(tmp_path, monkeypatch, bad):
+    """A range the fast parse refuses, or with a value holding a line break, sends the
+    whole file to the client's read: the same results or the same one-line error. The
+    cut inside a quoted value parses without error into one row too many (the rest of
+    the value reads as a row): only the line-break check catches it."""
+    from pipeline.config import SelectConfig
+    from pipeline.errors import InputError
+    from pipeline.ingest import read_and_validate
+
+    rows = objects_csv_rows(40)
+    partition_bytes = 150
+    if bad in ("quoted_line_break", "cut_inside_quotes"):
+        # The last field of data row 19 holds a line break and then what looks like a row.
+        rows[20] = rows[20].replace(",x19", ',"x\nb,u9,r,[0 0 1 1],hat,0.5,0,img9,y"')
+    elif bad == "malformed":
+        rows[30] = rows[30] + ",one too many"
+    else:
+        rows = [rows[0], "", "", ""]
+    path = tmp_path / "objects.csv"
+    path.write_text("\n".join(rows) + "\n")
+    if bad == "cut_inside_quotes":  # a range starts right after the quoted line break
+        partition_bytes = path.read_bytes().index(b'"x\n') + 3
+    select = SelectConfig()
+    try:
+        expected = read_and_validate(str(path), select, "reject", str(tmp_path / "l.arrow"))
+    except InputError as exc:
+        with pytest.raises(InputError) as err:
+            validation_on_threads(path, select, tmp_path, monkeypatch, partition_bytes, 97)
+        assert str(err.value) == str(exc)
+        assert ("line 31 must have 9 fields" in str(exc)) if bad == "malformed" else (
+            "has a header but no rows" in str(exc))  # fmt: skip
+        return
+    got, parts, fell_back = validation_on_threads(
+        path, select, tmp_path, monkeypatch, partition_bytes, 97
+    )
+    assert fell_back and not parts  # the client's staging file, no range's file left
+    assert expected[2] == got[2] == 40
+    assert got[0]["extra"].tolist()[19] == "x\nb,u9,r,[0 0 1 1],hat,0.5,0,img9,y"
+    pd.testing.assert_frame_equal(got[0], expected[0], check_exact=True)
+    pd.testing.assert_frame_equal(got[1], expected[1], check_exact=True)

@@ -15,6 +15,8 @@ or stop the run when ``ingest.on_bad_object: fail``.
 
 from __future__ import annotations
 
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -31,6 +33,7 @@ from ..context import StageContext
 from ..errors import ConfigError, InputError, must_be
 from ..executor import Executor
 from ..plan import effective_chunk_rows
+from . import objects
 from .embeddings import (
     FILES_PER_TASK,
     FileGroups,
@@ -43,19 +46,16 @@ from .embeddings import (
 )
 from .objects import (
     CSV_BLOCK_BYTES,
-    SELECTION_REASONS,
-    check_rows,
-    duplicate_detail,
-    first_of_each_key,
-    key_hashes,
+    _checked_header,
     read_objects_csv,
     rejects_frame,
-    selection_codes,
-    selection_detail,
     stream_objects_csv,
     validate_rows,
 )
-from .workers import read_on_workers, remove_parts, write_on_workers
+from .validate import CheckedRows, finish
+from .workers import read_on_workers, remove_parts, validate_on_workers, write_on_workers
+
+log = logging.getLogger("pipeline")
 
 __all__ = ["IngestResult", "ingest_objects", "ingest_stage", "read_objects_csv", "validate_rows"]
 
@@ -102,128 +102,48 @@ def _fail_with_no_objects(csv_path: str, rejects: pd.DataFrame, catalog: Catalog
     )
 
 
-class _ObjectsStaging:
-    """Validate the objects CSV batch by batch: the rows that pass the per-row checks go
-    to an Arrow file in the staging folder, their key hashes and selection codes stay in
-    memory (9 bytes a row), rejects are kept as they are found. :meth:`finish` then finds
-    the repeated objects across batches and returns the candidates as a frame over the
-    memory-mapped file, so the table never sits in private memory whole.
-    """
-
-    def __init__(self, path: str, select: SelectConfig, on_bad_bbox: str) -> None:
-        self.path, self.select, self.on_bad_bbox = path, select, on_bad_bbox
-        self.restart()
-
-    def restart(self) -> None:
-        self._close()
-        Path(self.path).unlink(missing_ok=True)
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.writer: pa.ipc.RecordBatchFileWriter | None = None
-        self.n_rows = 0
-        self.rejects: list[pd.DataFrame] = []
-        self.hashes: list[np.ndarray] = []
-        self.codes: list[np.ndarray] = []
-
-    def _close(self) -> None:
-        if getattr(self, "writer", None) is not None:
-            self.writer.close()
-            self.writer = None
-
-    def visit(self, raw: pd.DataFrame) -> None:
-        raw.index = pd.RangeIndex(self.n_rows, self.n_rows + len(raw))
-        self.n_rows += len(raw)
-        typed, reasons, details = check_rows(raw, self.on_bad_bbox)
-        typed.insert(0, schema.SOURCE_ROW, raw.index.to_numpy(dtype=np.int64))
-        bad = reasons.to_numpy() != ""
-        if bad.any():
-            self.rejects.append(
-                rejects_frame(typed[schema.SOURCE_ROW], raw, reasons.to_numpy(), details.to_numpy())
-            )
-        clean = typed[~bad] if bad.any() else typed
-        self.hashes.append(key_hashes(clean))
-        self.codes.append(selection_codes(clean, self.select))
-        table = pa.Table.from_pandas(clean, preserve_index=False)
-        if self.writer is None:
-            self.schema = table.schema
-            self.writer = pa.ipc.new_file(self.path, self.schema)
-        self.writer.write_table(table.cast(self.schema))
-        del table, typed, clean, raw
-        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed blocks
-
-    def finish(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """The candidates (rows that pass every check, memory-mapped) and the rejects."""
-        self._close()
-        table = pa.ipc.open_file(pa.memory_map(self.path)).read_all()
-        frame = table.to_pandas()
-        del table
-        hashes = np.concatenate(self.hashes)
-        codes = np.concatenate(self.codes)
-        self.hashes, self.codes = [], []
-        # Repeated objects: rows whose key hash repeats, then compared exactly.
-        order = np.argsort(hashes, kind="stable")
-        sorted_hashes = hashes[order]
-        repeats = np.zeros(len(hashes), dtype=bool)
-        same = sorted_hashes[1:] == sorted_hashes[:-1]
-        repeats[order[1:][same]] = True
-        repeats[order[:-1][same]] = True
-        suspects = np.flatnonzero(repeats)  # increasing: file order
-        dup = np.zeros(len(hashes), dtype=bool)
-        details: list[str] = []
-        if len(suspects):
-            keys = frame.iloc[suspects][["username", "image_name", "idx"]].reset_index(drop=True)
-            first = suspects[first_of_each_key(keys)]
-            repeated = first != suspects
-            dup[suspects[repeated]] = True
-            source = frame[schema.SOURCE_ROW].to_numpy()
-            details = [
-                duplicate_detail(tuple(keys.iloc[i]), int(source[first[i]]))
-                for i in np.flatnonzero(repeated)
-            ]
-        reasons = np.where(
-            dup, "duplicate_object", np.asarray(SELECTION_REASONS, dtype=object)[codes]
-        )
-        detail = np.full(len(hashes), "", dtype=object)
-        detail[dup] = details
-        for code in (1, 2):
-            detail[~dup & (codes == code)] = selection_detail(code, self.select)
-        late = reasons != ""
-        if late.any():
-            picked = frame[late]
-            self.rejects.append(
-                rejects_frame(picked[schema.SOURCE_ROW], picked, reasons[late], detail[late])
-            )
-            frame = frame[~late]
-        rejects = (
-            pd.concat(self.rejects, ignore_index=True)
-            if self.rejects
-            else rejects_frame(frame[schema.SOURCE_ROW].iloc[:0], frame.iloc[:0],
-                               np.array([], dtype=object), np.array([], dtype=object))
-        )  # fmt: skip
-        self.rejects = []
-        rejects = rejects.sort_values(schema.SOURCE_ROW, kind="stable", ignore_index=True)
-        return frame.reset_index(drop=True), rejects
-
-
 def read_and_validate(
     csv_path: str,
     select: SelectConfig,
     on_bad_bbox: str,
     staging_path: str,
     block_bytes: int = CSV_BLOCK_BYTES,
+    workers: Executor | None = None,
+    parts_dir: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """Stream the objects CSV through the checks in record batches.
+    """Stream the objects CSV through the checks in record batches: on the client, or,
+    with ``workers``, as tasks on them (one per range of ``objects.CSV_PARTITION_BYTES``
+    of the file; their Arrow files in the folder ``parts_dir``, which the caller removes).
 
     Returns the candidates (every check passed; a frame over the memory-mapped staging
-    file ``staging_path``, which must outlive it), the rejects sorted by ``source_row``,
-    and the number of data rows.
+    file ``staging_path`` or the files in ``parts_dir``, which must outlive it), the
+    rejects sorted by ``source_row``, and the number of data rows. The same, whoever
+    reads: a file the workers' fast parse refuses is read here instead.
     """
-    staging = _ObjectsStaging(staging_path, select, on_bad_bbox)
+    if workers is not None:
+        assert parts_dir is not None
+        header = _checked_header(csv_path)  # its one-line errors, before any task
+        parts = validate_on_workers(
+            workers, csv_path, header, select, on_bad_bbox, parts_dir,
+            objects.CSV_PARTITION_BYTES, block_bytes,
+        )  # fmt: skip
+        n_input_rows = sum(part.n_rows for part in parts or [])
+        if n_input_rows:
+            candidates, rejects = finish(parts, select)
+            return candidates, rejects, n_input_rows
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        log.info(
+            "objects CSV %s: not checked on the workers (the fast parse refused a range, "
+            "or no rows); reading it here",
+            csv_path,
+        )
+    rows = CheckedRows(staging_path, select, on_bad_bbox)
     try:
-        n_input_rows = stream_objects_csv(csv_path, staging.visit, staging.restart, block_bytes)
+        n_input_rows = stream_objects_csv(csv_path, rows.visit, rows.restart, block_bytes)
     except BaseException:
-        staging.restart()  # closes and removes the partial file
+        rows.restart()  # closes and removes the partial file
         raise
-    candidates, rejects = staging.finish()
+    candidates, rejects = finish([rows.part()], select)
     return candidates, rejects, n_input_rows
 
 
@@ -233,8 +153,10 @@ class _Staging:
 
     memmap: str  # the local path's CSV-order vectors
     objects: str  # the checked objects table (Arrow)
+    objects_parts: str  # the same, checked on the workers: an Arrow file per range (a folder)
     parts: str  # the workers' staging parts (a folder)
-    #: The dask cluster that reads the embeddings and writes the store; None: this process.
+    #: The dask cluster that checks the CSV, reads the embeddings and writes the store;
+    #: None: this process.
     workers: Executor | None
 
 
@@ -309,8 +231,9 @@ def ingest_objects(
 ) -> IngestResult:
     """Run the ingest and return its counts (outputs are written where ``catalog`` says).
 
-    With a distributed ``executor`` (and ``ingest.on_workers``), the embedding files are
-    read and the store chunks written by its workers (:mod:`.workers`); else here.
+    With a distributed ``executor`` (and ``ingest.on_workers``), the objects CSV is
+    checked, the embedding files read and the store chunks written by its workers
+    (:mod:`.workers`); else here.
 
     .. warning:: The staging memmap (``catalog.memmap(run_id)``) takes ``rows x dim x 4``
        bytes of local disk until the Zarr mirror is written (the workers' staging parts
@@ -319,6 +242,7 @@ def ingest_objects(
     staging = _Staging(
         memmap=catalog.memmap(run_id),
         objects=catalog.objects_staging(run_id),
+        objects_parts=catalog.objects_staging_parts(run_id),
         parts=catalog.staging_parts(run_id),
         workers=executor if uses_workers(settings, executor, catalog.staging) else None,
     )
@@ -326,6 +250,7 @@ def ingest_objects(
         return _ingest(input, select, settings, shuffle_seed, catalog, metadata, progress, staging)
     finally:
         Path(staging.objects).unlink(missing_ok=True)
+        shutil.rmtree(staging.objects_parts, ignore_errors=True)
 
 
 def _ingest(
@@ -340,8 +265,9 @@ def _ingest(
 ) -> IngestResult:
     csv_path = input.objects_csv
     candidates, rejects, n_input_rows = read_and_validate(
-        csv_path, select, settings.on_bad_bbox, staging.objects
-    )
+        csv_path, select, settings.on_bad_bbox, staging.objects,
+        workers=staging.workers, parts_dir=staging.objects_parts,
+    )  # fmt: skip
     raise_on_bad_object(settings, csv_path, rejects)
     candidates.insert(0, schema.OBJECT_ID, np.arange(len(candidates), dtype=np.int64))
     if len(candidates) == 0:

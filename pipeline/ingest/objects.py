@@ -1,12 +1,14 @@
 """The objects table: read the CSV and give every row a reject reason (pure checks).
 
-:func:`read_objects_csv` is the only function here that touches a file; everything else
+Only the readers touch the file (:func:`stream_objects_csv` and its helpers, and
+:func:`csv_partitions`, which cuts it into byte ranges for the workers); everything else
 takes a table and returns reasons, so the checks are testable without files.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -110,13 +112,20 @@ def _checked_header(path: str) -> list[str]:
 CSV_BLOCK_BYTES = 8 << 20
 
 
-def _line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
-    """The file in blocks of about ``block_bytes`` that end at a line break (only valid
-    where no value holds a line break: the fast parse's assumption)."""
+def _line_blocks(
+    path: Path, block_bytes: int, start: int = 0, end: int | None = None
+) -> Iterator[bytes]:
+    """Bytes ``start:end`` of the file (``end`` None: to its end) in blocks of about
+    ``block_bytes`` that end at a line break (only valid where no value holds a line
+    break: the fast parse's assumption)."""
     with path.open("rb") as handle:
+        handle.seek(start)
+        left = -1 if end is None else end - start
         rest = b""
         while True:
-            data = handle.read(block_bytes)
+            data = handle.read(block_bytes if left < 0 else min(block_bytes, left))
+            if left > 0:
+                left -= len(data)
             if not data:
                 if rest:
                     yield rest
@@ -130,9 +139,51 @@ def _line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
             yield data[:cut]
 
 
+#: Bytes of CSV per partition of the read on workers (one task each); tests set it
+#: small to cut a small file into several partitions.
+CSV_PARTITION_BYTES = CSV_BLOCK_BYTES
+
+
+def csv_partitions(path: str | Path, size: int) -> list[tuple[int, int]]:
+    """Byte ranges ``[start, end)`` that cover the file in order, each starting at the
+    start of a line: the first line start at or after each multiple of ``size`` (a line
+    longer than ``size`` stays whole). The first range starts with the header.
+
+    >>> import os, tempfile
+    >>> with tempfile.NamedTemporaryFile(delete=False) as f:
+    ...     _ = f.write(b"h\\n1111\\n22\\n3")
+    >>> csv_partitions(f.name, 3), csv_partitions(f.name, 2), csv_partitions(f.name, 100)
+    ([(0, 7), (7, 10), (10, 11)], [(0, 2), (2, 7), (7, 10), (10, 11)], [(0, 11)])
+    >>> os.remove(f.name)
+    """
+    total = os.path.getsize(path)
+    cuts = [0]
+    with open(path, "rb") as handle:
+        at = size
+        while at < total:
+            handle.seek(at - 1)  # a line starts at ``at`` if the byte before is a break
+            found = -1
+            while found < 0 and (piece := handle.read(1 << 16)):
+                found = piece.find(b"\n")
+                at += len(piece) if found < 0 else found
+            if found < 0 or at >= total:
+                break  # no line starts past here: the last range runs to the end
+            cuts.append(at)
+            at = (at // size + 1) * size
+    return list(zip(cuts, [*cuts[1:], total], strict=True))
+
+
 def _record_batches(
-    path: Path, header: list[str], fast: bool, block_bytes: int = CSV_BLOCK_BYTES
+    path: Path,
+    header: list[str],
+    fast: bool,
+    block_bytes: int = CSV_BLOCK_BYTES,
+    start: int = 0,
+    end: int | None = None,
 ) -> Iterator[pa.Table]:
+    """The file's data rows as tables of text columns; with ``fast``, only bytes
+    ``start:end`` (a range from :func:`csv_partitions`: from 0, the header is read and
+    checked; past it, the rows are named after ``header``)."""
     convert = pacsv.ConvertOptions(
         column_types={c: pa.string() for c in header},
         strings_can_be_null=False,
@@ -158,8 +209,8 @@ def _record_batches(
     # on its own (in parallel inside the block). Blocks are read one at a time, so memory
     # holds one block, where pyarrow's streaming reader reads ahead without bound.
     parse = pacsv.ParseOptions(newlines_in_values=False)
-    names: list[str] | None = None
-    for block in _line_blocks(path, block_bytes):
+    names: list[str] | None = None if start == 0 else header
+    for block in _line_blocks(path, block_bytes, start, end):
         read = pacsv.ReadOptions(
             block_size=len(block) + 1, **({"column_names": names} if names else {})
         )

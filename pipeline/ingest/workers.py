@@ -2,8 +2,14 @@
 
 The local path reads every embedding file on the client into a memmap, then mirrors it
 into the store; at 100M rows that is hours on one machine. Here the client keeps only
-what it must (the objects table, the permutation) and two passes of tasks do the rest:
+what it must (the objects table, the permutation) and passes of tasks do the rest:
 
+0. **check**: the objects CSV is cut at line breaks into byte ranges; each task parses
+   one and runs the local path's per-row checks (:func:`~.validate.check_partition`),
+   saves the rows that pass as an Arrow file in the staging folder and returns its key
+   hashes, selection codes and rejects; the client then finds the repeated objects across
+   ranges (:func:`~.validate.finish`). A range the fast parse refuses (quoted line
+   breaks, a malformed line) sends the whole file back to the client's own read.
 1. **read**: each task reads and checks the embedding files of about one store chunk of
    objects (:func:`~.embeddings.load_batch`, the local path's own checks) and saves the
    good vectors as one staging part (a ``.npy`` in a staging folder every worker sees);
@@ -32,8 +38,11 @@ import pandas as pd
 import zarr
 
 from .. import store
+from ..config import SelectConfig
 from ..executor import Executor
 from .embeddings import FileBatch, FileGroups, check_vectors, load_batch
+from .objects import csv_partitions
+from .validate import CheckedPart, check_partition
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,36 @@ def in_waves(executor: Executor, tasks: Iterator, desc: str) -> Iterator:
     while batch := list(itertools.islice(tasks, wave)):
         results = executor.compute(*batch, desc=desc)
         yield from [results] if len(batch) == 1 else results
+
+
+def validate_on_workers(
+    executor: Executor,
+    csv_path: str,
+    header: list[str],
+    select: SelectConfig,
+    on_bad_bbox: str,
+    parts_dir: str,
+    partition_bytes: int,
+    block_bytes: int,
+) -> list[CheckedPart] | None:
+    """The check pass: one task per range of about ``partition_bytes`` of the CSV (read
+    in blocks of ``block_bytes``). Returns each range's results in file order, or None
+    as soon as one range needs the whole file's parse (the caller then reads it)."""
+    Path(parts_dir).mkdir(parents=True, exist_ok=True)
+
+    def tasks() -> Iterator:
+        for i, (start, end) in enumerate(csv_partitions(csv_path, partition_bytes)):
+            path = os.path.join(parts_dir, f"part-{i:06d}.arrow")
+            yield dask.delayed(check_partition, pure=False)(
+                csv_path, header, start, end, select, on_bad_bbox, path, block_bytes
+            )
+
+    parts: list[CheckedPart] = []
+    for part in in_waves(executor, tasks(), "ingest: check objects"):
+        if part is None:
+            return None
+        parts.append(part)
+    return parts
 
 
 def read_on_workers(
