@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zarr
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from pipeline import sinks
 from pipeline.config import Config
-from pipeline.ingest.objects import _is_bbox, read_objects_csv, valid_bboxes
+from pipeline.ingest.objects import _is_bbox, read_objects_csv, stream_objects_csv, valid_bboxes
 from tests.conftest import config_for, ingest_only, load_vectors
 
 
@@ -249,6 +250,33 @@ def test_legal_csv_with_huge_fields_and_quoted_line_breaks_is_read(tmp_path):
     assert len(table) == 3001
     assert table["note"].iloc[0] == "line one\nline two, with a comma"
     assert len(table["note"].iloc[-1]) == 5_000_000 and table["username"].iloc[-1] == "big"
+
+
+def test_a_block_cut_inside_a_quoted_value_falls_back_to_the_whole_parse(tmp_path):
+    """The local read cuts the file at line breaks into blocks: a cut at a quoted line
+    break leaves an unclosed quote, which the fast parse accepts, and the rest of the
+    value reads as one more row. The line-break check sends the file to the whole parse:
+    the rows are the file's (checked against pyarrow reading it in one piece)."""
+    import pyarrow.csv as pacsv
+
+    rows = objects_csv_rows(40)
+    rows[20] = rows[20].replace(",x19", ',"x\nb,u9,r,[0 0 1 1],hat,0.5,0,img9,y"')
+    path = tmp_path / "objects.csv"
+    path.write_text("\n".join(rows) + "\n")
+    cut = path.read_bytes().index(b'"x\n') + 3  # a block ends at the quoted line break
+    got = []
+    n = stream_objects_csv(str(path), got.append, got.clear, block_bytes=cut)
+    whole = pacsv.read_csv(
+        path,
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in rows[0].split(",")}
+        ),
+    ).to_pandas()
+    table = pd.concat(got, ignore_index=True)
+    assert n == len(table) == len(whole) == 40
+    pd.testing.assert_frame_equal(table, whole, check_exact=True)
+    assert table["extra"].iloc[19] == "x\nb,u9,r,[0 0 1 1],hat,0.5,0,img9,y"
 
 
 def test_a_bad_bbox_is_kept_and_flagged_by_default(small_dataset, tmp_path):

@@ -232,6 +232,17 @@ def _check_parsed_header(path: Path, parsed: list[str], header: list[str]) -> No
         )
 
 
+class _CutAtLineBreaks(Exception):
+    """A value of the fast parse holds a line break: the file's cut at line breaks may
+    have split a quoted value (parsed without error into one row too many)."""
+
+
+def holds_line_break(table: pa.Table) -> bool:
+    """Whether any value holds a line break (only a quoted value can): a cut at line
+    breaks may have split it, so only the whole file's parse can be trusted."""
+    return any(pc.any(pc.match_substring(column, "\n")).as_py() for column in table.columns)
+
+
 def stream_objects_csv(
     path: str,
     visit: Callable[[pd.DataFrame], None],
@@ -251,10 +262,12 @@ def stream_objects_csv(
         n_rows = 0
         try:
             for batch in _record_batches(p, header, fast, block_bytes):
+                if fast and holds_line_break(batch):
+                    raise _CutAtLineBreaks
                 if batch.num_rows:
                     visit(batch.to_pandas())
                     n_rows += batch.num_rows
-        except pa.ArrowException as exc:
+        except (pa.ArrowException, _CutAtLineBreaks) as exc:
             if fast:
                 restart()
                 continue

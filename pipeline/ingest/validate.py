@@ -28,6 +28,7 @@ from .objects import (
     check_rows,
     duplicate_detail,
     first_of_each_key,
+    holds_line_break,
     key_hashes,
     rejects_frame,
     selection_codes,
@@ -118,12 +119,6 @@ def _joined(arrays: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.empty(0, dtype=dtype)
 
 
-def _holds_line_break(table: pa.Table) -> bool:
-    """Whether any value holds a line break: a quoted one, which a cut at a line break
-    may have split (then only the whole file's parse can be trusted)."""
-    return any(pc.any(pc.match_substring(column, "\n")).as_py() for column in table.columns)
-
-
 def check_partition(
     csv_path: str,
     header: list[str],
@@ -145,7 +140,7 @@ def check_partition(
     rows = CheckedRows(f"{path}.tmp-{os.getpid()}", select, on_bad_bbox)
     try:
         for batch in _record_batches(Path(csv_path), header, True, block_bytes, start, end):
-            if _holds_line_break(batch):
+            if holds_line_break(batch):
                 rows.restart()
                 return None
             if batch.num_rows:
