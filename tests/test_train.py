@@ -632,9 +632,12 @@ def test_spherical_block_sums_are_of_the_normalised_rows(tmp_path):
 
 
 def test_spherical_refine_keeps_an_empty_clusters_centre():
+    # Re-seeding off: a centre that won no row in the pass stays where it was.
     model = spherical(members=[5, 3, 0], seen=[8] * 3, k_dim=4)
     sums = np.array([[2.0, 0, 0, 0], [0, 3.0, 3.0, 0], [0, 0, 0, 0]])
-    updated = spherical_lloyd_update(model, (sums, np.array([5, 3, 0]), 6.0), 1)
+    cfg = TrainConfig(metric="cosine", n_clusters=3, reseed_min_members=0)
+    plan = plan_training(cfg, 8, 4, 8, 1)
+    updated = spherical_lloyd_update(model, (sums, np.array([5, 3, 0]), 6.0), 1, "", plan, cfg)
     expected = np.array([[1, 0, 0, 0], [0, 2**-0.5, 2**-0.5, 0], [0, 0, 1, 0]])
     np.testing.assert_allclose(updated.unit_centres, expected, rtol=0, atol=1e-6)
     entry = updated.history[-1]
@@ -706,3 +709,13 @@ def test_a_renumbered_fit_keeps_each_centres_counts(small_dataset, tmp_path):
     sizes = np.bincount(labels_of(x, centres), minlength=len(centres))
     counts = joblib.load(f"{catalog.model}/kmeans.joblib")._counts
     assert np.corrcoef(sizes, counts)[0, 1] > 0.95
+
+
+def test_the_estimator_gets_the_configured_seed_and_reassignment(chain_store):
+    # Mini-batch reassignment draws from the estimator's random state: the plan's seed.
+    url, _ = chain_store
+    cfg = EuclideanTrain(n_clusters=CHAIN_K, batch_size=96, reassignment_ratio=0.3, seed=11)
+    plan = plan_training(cfg, CHAIN_N, CHAIN_DIM, CHAIN_CHUNK, blas_threads=1)
+    params = init_model(url, plan, cfg).estimator.get_params()
+    assert (params["random_state"], params["reassignment_ratio"]) == (11, 0.3)
+    assert (params["n_clusters"], params["batch_size"], params["n_init"]) == (CHAIN_K, 96, 1)
