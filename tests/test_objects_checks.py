@@ -71,6 +71,18 @@ def test_line_blocks_are_about_block_bytes_long(tmp_path):
     assert len(blocks) <= len(data) // (1000 - longest) + 2
 
 
+@pytest.mark.parametrize("block_bytes", [1, 16, 1000])
+def test_line_blocks_of_a_byte_range_are_exactly_its_bytes(tmp_path, block_bytes):
+    # Ranges that start and end at line starts (as csv_partitions cuts them).
+    path = lines_file(tmp_path, CSV_BYTES)
+    starts = [0] + [i + 1 for i, byte in enumerate(CSV_BYTES) if byte == ord("\n")]
+    for start, end in [(starts[3], starts[40]), (starts[60], starts[62]), (starts[80], None),
+                       (0, starts[1]), (starts[5], starts[5])]:  # fmt: skip
+        blocks = list(_line_blocks(path, block_bytes, start, end))
+        assert b"".join(blocks) == CSV_BYTES[start:end]
+        assert all(block.endswith(b"\n") for block in blocks)
+
+
 def test_line_blocks_of_an_empty_file(tmp_path):
     assert list(_line_blocks(lines_file(tmp_path, b""), 10)) == []
 
