@@ -467,3 +467,33 @@ def test_stage_outputs_equal_the_in_memory_ones_whatever_the_assignments_order(
     paths = in_memory_outputs(cat, cat.read_centres(), cat.read_cluster_ids(), tmp_path)
     assert Path(cat.cluster_summary).read_bytes() == paths["summary.parquet"].read_bytes()
     assert Path(cat.clusters_csv).read_bytes() == paths["clusters.csv"].read_bytes()
+
+
+@pytest.mark.parametrize("min_cluster_size", [5, 12])
+def test_the_stage_path_keeps_clusters_by_the_configured_size(tmp_path, min_cluster_size):
+    """Clusters of 3, 5, 9, 12 and 20 rows, every row similar and its own image: a
+    cluster is kept whole when it has at least ``min_cluster_size`` rows (by hand), by the
+    per-block labelling the stage runs."""
+    sizes = [3, 5, 9, 12, 20]
+    clusters = np.repeat(np.arange(len(sizes)), sizes).astype("int32")
+    n = len(clusters)
+    t = pd.DataFrame(
+        {
+            "object_id": np.arange(n),
+            "cluster": clusters,
+            "sim": np.full(n, 0.9, "float32"),
+            "image_name": np.arange(n).astype(str),
+        }  # fmt: skip
+    )
+    url = str(tmp_path / "part.parquet")
+    t.to_parquet(url, index=False)
+    starts = postprocess.cluster_blocks(postprocess.part_cluster_sizes(url), 25)
+    split = str(tmp_path / "split.arrow")
+    postprocess.split_by_block(url, 0, starts, split)
+    cfg = PostprocessConfig(min_cluster_size=min_cluster_size)
+    codes_urls = [str(tmp_path / f"codes-{b}") for b in range(len(starts))]
+    for b, codes_url in enumerate(codes_urls):
+        postprocess.label_block(cfg, [split], b, codes_url)
+    got = np.array(schema.STATUS_ORDER)[postprocess.load_status_codes(codes_urls, n - 1)]
+    expected = np.where(np.array(sizes)[clusters] >= min_cluster_size, K, SMALL)
+    assert got.tolist() == expected.tolist()
