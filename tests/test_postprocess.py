@@ -335,3 +335,165 @@ def test_a_failed_stage_leaves_no_staging_files(small_dataset, tmp_path, monkeyp
         run(cfg, stages=("postprocess",))
     staging = Path(result.catalog.staging)
     assert not staging.exists() or not list(staging.glob("postprocess-*"))
+
+
+# ----------------------------------------------------------------------------- mutation survivors
+# Each test below killed a hand mutant that the tests above let through.
+
+
+def test_block_order_infos_tell_whether_the_table_and_its_kept_rows_ascend(tmp_path):
+    """The order infos that :func:`label_block` returns say, through :func:`_ascending`,
+    whether the whole table's clusters ascend and whether its kept rows' do (the table
+    positions span parts: each part's rows start at its offset). Checked against numpy on
+    the table itself, for a table in cluster order (a part per cluster) and for one whose
+    kept rows ascend while its removed rows do not."""
+    cfg = PostprocessConfig(dedupe_key=None, min_similarity=0.7, min_cluster_size=1)
+
+    def infos(t: pd.DataFrame, parts: list[np.ndarray]):
+        urls = [str(tmp_path / f"p{len(t)}-{i}.parquet") for i in range(len(parts))]
+        for url, rows in zip(urls, parts, strict=True):
+            t.iloc[rows].to_parquet(url, index=False)
+        sizes = t.groupby("cluster").size()
+        starts = postprocess.cluster_blocks(sizes, int(sizes.max()))
+        assert len(starts) == len(sizes)  # a block per cluster
+        splits = [url + ".arrow" for url in urls]
+        for url, split, rows in zip(urls, splits, parts, strict=True):
+            postprocess.split_by_block(url, int(rows[0]), starts, split)
+        orders = [
+            postprocess.label_block(cfg, splits, b, str(tmp_path / f"c{len(t)}-{b}"))["orders"]
+            for b in range(len(starts))
+        ]
+        return postprocess._ascending([o[0] for o in orders]), postprocess._ascending(
+            [o[1] for o in orders]
+        )
+
+    def ascends(clusters) -> bool:
+        return bool((np.diff(np.asarray(clusters)) >= 0).all())
+
+    # 1. In cluster order, a part per cluster (so each block is one part).
+    n = 4 * 50
+    t = pd.DataFrame(
+        {
+            "object_id": np.arange(n),
+            "cluster": np.repeat(np.arange(4), 50).astype("int32"),
+            "sim": np.tile(np.linspace(0.5, 1.0, 50), 4).astype("float32"),
+        }  # fmt: skip
+    )
+    assert infos(t, np.array_split(np.arange(n), 4)) == (True, True)
+    # 2. Kept rows (sim > 0.7) in cluster order, a removed row of cluster 1 before one
+    # of cluster 0: the table does not ascend, its kept rows do.
+    clusters = [0] * 20 + [1] + [1] * 20 + [0]
+    sims = [0.9] * 20 + [0.1] + [0.9] * 20 + [0.1]
+    t = pd.DataFrame(
+        {
+            "object_id": np.arange(42),
+            "cluster": np.array(clusters, "int32"),
+            "sim": np.array(sims, "float32"),
+        }  # fmt: skip
+    )
+    kept = t["sim"] > 0.7
+    expected = (ascends(t["cluster"]), ascends(t.loc[kept, "cluster"]))
+    assert expected == (False, True)
+    assert infos(t, np.array_split(np.arange(42), 3)) == expected
+
+
+def rewrite_assignments(catalog, order: np.ndarray, parts: list[np.ndarray]) -> None:
+    """Rewrite the assignments table with its rows in ``order``, cut into ``parts``
+    (positions into ``order``), keeping its schema and metadata."""
+    import pyarrow as pa
+
+    urls = sinks.part_urls(catalog.assignments)
+    table = pa.concat_tables([pq.read_table(u) for u in urls]).take(pa.array(order))
+    for url in urls:
+        Path(url).unlink()
+    for i, rows in enumerate(parts):
+        pq.write_table(table.take(pa.array(rows)), f"{catalog.assignments}/part-{i:05d}.parquet")
+
+
+def postprocess_stage_alone(cfg) -> None:
+    """Stage 4 on the output folder as it is (no runner: the assignments were rewritten)."""
+    from pipeline import store
+    from pipeline.catalog import run_metadata
+    from pipeline.context import StageContext
+    from pipeline.executor import open_executor
+    from pipeline.plan import plan_run
+
+    plan = plan_run(cfg, ("postprocess",))
+    with store.run_scope(plan.run_id), open_executor(cfg.executor, plan.workers) as ex:
+        context = StageContext(plan=plan, executor=ex, metadata=run_metadata(cfg))
+        postprocess.postprocess_stage(context, cfg.postprocess)
+
+
+@pytest.fixture(scope="module")
+def postprocessed_run(small_dataset, tmp_path_factory):
+    """A run through post-processing (clusters of < 60 rows removed), copied by each user."""
+    cfg = config_for(small_dataset, tmp_path_factory.mktemp("pp") / "out",
+                     postprocess={"min_cluster_size": 60})  # fmt: skip
+    run(cfg, ("ingest", "train", "predict", "postprocess"))
+    return cfg
+
+
+@pytest.mark.parametrize("order", ["by cluster", "kept rows by cluster"])
+def test_stage_outputs_equal_the_in_memory_ones_whatever_the_assignments_order(
+    postprocessed_run, tmp_path, order
+):
+    """The summary's means equal pandas' on the whole table to the last bit only when the
+    stage knows whether the table (and its kept rows) ascend by cluster; predict's table
+    never does, so here the assignments are rewritten in cluster order (a part per
+    cluster, of unequal sizes), or with only the kept rows in cluster order."""
+    import shutil
+
+    from pipeline.catalog import Catalog
+
+    shutil.copytree(postprocessed_run.output.dir, tmp_path / "out")
+    output = postprocessed_run.output.model_copy(update={"dir": str(tmp_path / "out")})
+    cfg = postprocessed_run.model_copy(update={"output": output})
+    cat = Catalog.from_config(cfg.output)
+    labelled = sinks.read_parquet(cat.postprocessed, columns=["cluster", "status"])
+    clusters = labelled["cluster"].to_numpy()
+    if order == "by cluster":
+        rows = np.argsort(clusters, kind="stable")
+        bounds = np.flatnonzero(np.diff(clusters[rows])) + 1
+        parts = np.split(np.arange(len(rows)), bounds)
+        assert len({len(p) for p in parts}) > 1  # parts of unequal sizes
+    else:
+        kept = np.flatnonzero(labelled["status"].to_numpy() == K)
+        removed = np.flatnonzero(labelled["status"].to_numpy() != K)
+        rows = np.concatenate([kept[np.argsort(clusters[kept], kind="stable")], removed])
+        assert len(np.unique(clusters[kept])) > 1 and not summarize.is_ascending(clusters[rows])
+        parts = np.array_split(np.arange(len(rows)), 8)
+    rewrite_assignments(cat, rows, parts)
+    postprocess_stage_alone(cfg)
+    paths = in_memory_outputs(cat, cat.read_centres(), cat.read_cluster_ids(), tmp_path)
+    assert Path(cat.cluster_summary).read_bytes() == paths["summary.parquet"].read_bytes()
+    assert Path(cat.clusters_csv).read_bytes() == paths["clusters.csv"].read_bytes()
+
+
+@pytest.mark.parametrize("min_cluster_size", [5, 12])
+def test_the_stage_path_keeps_clusters_by_the_configured_size(tmp_path, min_cluster_size):
+    """Clusters of 3, 5, 9, 12 and 20 rows, every row similar and its own image: a
+    cluster is kept whole when it has at least ``min_cluster_size`` rows (by hand), by the
+    per-block labelling the stage runs."""
+    sizes = [3, 5, 9, 12, 20]
+    clusters = np.repeat(np.arange(len(sizes)), sizes).astype("int32")
+    n = len(clusters)
+    t = pd.DataFrame(
+        {
+            "object_id": np.arange(n),
+            "cluster": clusters,
+            "sim": np.full(n, 0.9, "float32"),
+            "image_name": np.arange(n).astype(str),
+        }  # fmt: skip
+    )
+    url = str(tmp_path / "part.parquet")
+    t.to_parquet(url, index=False)
+    starts = postprocess.cluster_blocks(postprocess.part_cluster_sizes(url), 25)
+    split = str(tmp_path / "split.arrow")
+    postprocess.split_by_block(url, 0, starts, split)
+    cfg = PostprocessConfig(min_cluster_size=min_cluster_size)
+    codes_urls = [str(tmp_path / f"codes-{b}") for b in range(len(starts))]
+    for b, codes_url in enumerate(codes_urls):
+        postprocess.label_block(cfg, [split], b, codes_url)
+    got = np.array(schema.STATUS_ORDER)[postprocess.load_status_codes(codes_urls, n - 1)]
+    expected = np.where(np.array(sizes)[clusters] >= min_cluster_size, K, SMALL)
+    assert got.tolist() == expected.tolist()

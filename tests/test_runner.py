@@ -292,3 +292,138 @@ def test_named_files_fingerprint_over_chunks_sees_each_file_and_the_order(
     assert changed != whole and fingerprint(files, 4096) == changed
     target.unlink()
     assert fingerprint(files, 3) not in (whole, changed)
+
+
+# --------------------------------------------------------------------------- mutation survivors
+# Each test below killed a hand mutant that the tests above let through.
+
+
+def test_a_stage_that_fails_leaves_itself_and_what_follows_unmarked(copy_of, monkeypatch):
+    """A rerun clears the stage's own marker (and the later ones) before it starts, so a
+    stage that fails half-way is not taken as done by the next run."""
+    from pipeline import postprocess
+
+    catalog = Catalog.from_config(copy_of.output)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("render failed")
+
+    monkeypatch.setattr(postprocess, "render_block", broken)
+    with pytest.raises(RuntimeError, match="render failed"):
+        run(copy_of, ("postprocess",), force=True)
+    assert catalog.read_marker("postprocess") is None and catalog.read_marker("report") is None
+    assert all(catalog.read_marker(name) is not None for name in ("ingest", "train", "predict"))
+    v = verdicts(copy_of)
+    assert v["predict"][0] and not v["postprocess"][0] and not v["report"][0]
+    monkeypatch.undo()
+    assert list(run(copy_of).timings) == ["postprocess", "report"]
+
+
+def test_an_input_changed_while_the_stage_reads_it_is_not_marked_as_read(
+    small_dataset, tmp_path, monkeypatch
+):
+    """The objects CSV grows while the ingest runs (after the real ingest read it): the
+    run stops with a one-line error and leaves no ingest marker."""
+    import pipeline.ingest as ingest_module
+    from pipeline.errors import InputError
+
+    csv = tmp_path / "objects.csv"
+    shutil.copy(small_dataset.objects_csv, csv)
+    cfg = config_for(small_dataset, tmp_path / "out", input={"objects_csv": str(csv)})
+    real = ingest_module.ingest_stage
+
+    def ingest_then_edit(*args, **kwargs):
+        out = real(*args, **kwargs)
+        with csv.open("a") as handle:
+            handle.write("x,u,r,[0,0,1,1],t,0.5,0,img\n")
+        return out
+
+    monkeypatch.setattr(ingest_module, "ingest_stage", ingest_then_edit)
+    with pytest.raises(InputError, match="input.objects_csv changed while ingest was reading"):
+        run(cfg, ("ingest",))
+    assert Catalog.from_config(cfg.output).read_marker("ingest") is None
+
+
+def test_file_fingerprint_by_contents_up_to_the_limit_then_by_size_and_mtime(tmp_path):
+    import hashlib
+
+    from pipeline import runner
+
+    limit = runner._CONTENT_HASH_BYTES
+    assert limit == 16 << 20  # the documented 16 MiB
+    at_limit = tmp_path / "at-limit"
+    data = bytes(range(256)) * (limit // 256)
+    at_limit.write_bytes(data)
+    assert runner.file_fingerprint(str(at_limit)) == hashlib.sha256(data).hexdigest()[:16]
+    # A small file rewritten with the same size and mtime is seen by its contents.
+    small = tmp_path / "small"
+    small.write_bytes(b"a" * 100_000)
+    before = runner.file_fingerprint(str(small))
+    st = small.stat()
+    small.write_bytes(b"b" * 100_000)
+    os.utime(small, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert runner.file_fingerprint(str(small)) != before
+    # Past the limit: size and modification time, so a touch is a change.
+    large = tmp_path / "large"
+    large.write_bytes(data + b"x")
+    st = large.stat()
+    assert runner.file_fingerprint(str(large)) == [limit + 1, st.st_mtime_ns]
+    os.utime(large, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert runner.file_fingerprint(str(large)) == [limit + 1, st.st_mtime_ns + 10**9]
+    assert runner.file_fingerprint(str(tmp_path / "missing")) is None
+
+
+def test_record_changes_name_the_upstream_only_when_nothing_else_changed():
+    from pipeline.runner import record_changes
+
+    def record(seed, upstream):
+        return {"config": {"train": {"seed": seed}}, "inputs": {}, "derived": {},
+                "upstream": upstream}  # fmt: skip
+
+    assert record_changes(record(0, "a"), record(1, "b"), "ingest") == [
+        "train.seed changed (0 -> 1)"
+    ]
+    assert record_changes(record(0, "a"), record(0, "b"), "ingest") == [
+        "its upstream 'ingest' was redone"
+    ]
+    assert record_changes(record(0, "a"), record(0, "a"), "ingest") == []
+
+
+def test_the_refusal_suggests_the_old_values_only_for_a_changed_value():
+    from pipeline.runner import StageStatus
+
+    def statuses(reason):
+        out = {name: StageStatus(name, "k", True, ()) for name in STAGE_NAMES}
+        out["train"] = StageStatus("train", "k", False, (reason,))
+        return out
+
+    with pytest.raises(StageOrderError) as err:
+        check_upstream(statuses("train.seed changed (0 -> 1)"), ("predict",))
+    assert str(err.value).endswith(
+        "Run 'pipeline train' (or 'pipeline run') first, or use the values it ran with."
+    )
+    with pytest.raises(StageOrderError) as err:
+        check_upstream(statuses("no completed run in the output folder"), ("predict",))
+    assert str(err.value).endswith("Run 'pipeline train' (or 'pipeline run') first.")
+
+
+def test_a_single_stage_run_chains_its_key_to_the_upstream(copy_of):
+    """``pipeline postprocess`` alone with a new setting: its marker chains in the
+    upstream's key, so it is then up to date; the report (cleared) is to be redone."""
+    changed = with_values(copy_of, postprocess={"min_similarity": 0.5})
+    assert list(run(changed, ("postprocess",)).timings) == ["postprocess"]
+    v = verdicts(changed)
+    assert v["ingest"][0] and v["train"][0] and v["predict"][0] and v["postprocess"][0]
+    assert v["report"] == (False, ("no completed run in the output folder",))
+    assert list(run(changed).timings) == ["report"]
+
+
+def test_a_stage_key_is_made_from_its_upstream_key_too(finished):
+    from pipeline.runner import record_key, stage_record
+    from pipeline.stages import BY_NAME
+
+    plan = plan_run(finished)
+    a = stage_record(finished, plan, BY_NAME["report"], "aaaa")
+    b = stage_record(finished, plan, BY_NAME["report"], "bbbb")
+    assert a["upstream"] == "aaaa" and {**a, "upstream": "bbbb"} == b
+    assert record_key("report", a) != record_key("report", b)

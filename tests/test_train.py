@@ -15,6 +15,7 @@ import functools
 
 import dask
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.cluster import kmeans_plusplus as sklearn_kmeans_plusplus
@@ -25,7 +26,19 @@ from pipeline import kernels, store
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.plan import plan_training
-from pipeline.train import fit_centroids, init_model
+from pipeline.train import (
+    SphericalModel,
+    find_dead,
+    find_sinks,
+    finish_spherical,
+    fit_centroids,
+    init_model,
+    partial_fit_block,
+    reseed_centres,
+    spherical_block_sums,
+    spherical_fit_block,
+    spherical_lloyd_update,
+)
 
 #: These tests check the Euclidean chain against scikit-learn (the cosine fit has its own
 #: oracles in test_cosine.py), so they pin the metric the default no longer is.
@@ -448,3 +461,261 @@ def test_parallel_cosine_fit_within_one_percent_of_sequential(quality):
 
     assert mean_cos(par.centres) >= 0.99 * mean_cos(seq.centres)
     assert adjusted_rand_score(truth, (unit @ par.centres.T).argmax(1)) >= 0.99
+
+
+# ----------------------------------------------------------------------------- mutation survivors
+# Each test below killed a hand mutant that the tests above let through.
+
+
+def test_a_block_step_leaves_its_input_model_untouched(quality):
+    """A retried task must start from the model it was given: ``partial_fit_block``
+    works on a copy (its input keeps its centres and step count; the same call twice gives
+    the same model)."""
+    url, _, _, _ = quality
+    cfg = EuclideanTrain(n_clusters=Q_K, batch_size=256, seed=0)
+    plan = plan_training(cfg, Q_N, Q_DIM, Q_CHUNK, 1)
+    first = partial_fit_block(init_model(url, plan, cfg), url, 0, Q_CHUNK, 256, 1)
+    centres, steps = first.centres.copy(), first.estimator.n_steps_
+    a = partial_fit_block(first, url, Q_CHUNK, 2 * Q_CHUNK, 256, 1)
+    b = partial_fit_block(first, url, Q_CHUNK, 2 * Q_CHUNK, 256, 1)
+    np.testing.assert_array_equal(first.centres, centres)
+    assert first.estimator.n_steps_ == steps == 4  # ceil(1000 / 256) mini-batches
+    np.testing.assert_array_equal(a.centres, b.centres)
+    assert a.estimator.n_steps_ == b.estimator.n_steps_ == 8
+
+
+def test_kmeans_plusplus_seeds_from_the_whole_init_sample(quality):
+    """The seeds are rows of the store's first ``init_size`` rows (32 x k), one in each
+    well-separated true cluster; the first k rows alone miss some clusters."""
+    url, x, truth, _ = quality
+    cfg = EuclideanTrain(n_clusters=Q_K, batch_size=256, seed=0)
+    plan = plan_training(cfg, Q_N, Q_DIM, Q_CHUNK, 1)
+    assert plan.init_size == 32 * Q_K
+    seeds = init_model(url, plan, cfg).estimator.init
+    sample = x[: plan.init_size]
+    rows = [int(np.flatnonzero((sample == c).all(axis=1))[0]) for c in seeds]
+    assert sorted(truth[rows].tolist()) == list(range(Q_K))
+    assert len(set(truth[:Q_K].tolist())) < Q_K
+
+
+def test_first_block_swap_only_when_the_last_block_is_short():
+    """The last block goes first in the seeded order only if it holds >= k rows: exactly
+    k is enough (the order is the plain permutation); k - 1 swaps the first two blocks."""
+    k, chunk = 10, 100
+    seed = next(s for s in range(100) if np.random.default_rng(s).permutation(3)[0] == 2)
+    perm = np.random.default_rng(seed).permutation(3).tolist()
+    exact = plan_training(EuclideanTrain(n_clusters=k, batch_size=k, seed=seed), 2 * chunk + k,
+                          4, chunk, 1)  # fmt: skip
+    assert exact.block_orders[0] == tuple(perm)
+    short = plan_training(EuclideanTrain(n_clusters=k, batch_size=k, seed=seed),
+                          2 * chunk + k - 1, 4, chunk, 1)  # fmt: skip
+    assert short.block_orders[0] == (perm[1], perm[0], perm[2])
+
+
+def test_small_store_counts_partial_batches_as_steps():
+    # 901 rows in batches of 300: 4 steps (the last of one row), so no top-up; 899: 3.
+    from pipeline.plan import refine_iterations
+
+    assert refine_iterations(EuclideanTrain(), 901, 300) == 0
+    assert refine_iterations(EuclideanTrain(), 899, 300) == 10
+    assert refine_iterations(EuclideanTrain(), 900, 300) == 10
+
+
+def spherical(members, seen, sim_sums=None, k_dim=8) -> SphericalModel:
+    k = len(members)
+    members = np.asarray(members, np.int64)
+    sim_sums = np.asarray(sim_sums if sim_sums is not None else 0.8 * members, np.float64)
+    return SphericalModel(
+        unit_centres=np.eye(k, k_dim, dtype=np.float32), counts=np.full(k, 50.0),
+        members=members, sim_sums=sim_sums, seen=np.asarray(seen, np.int64),
+    )  # fmt: skip
+
+
+def test_dead_centres_by_hand():
+    # window 100, min_members 2: dead when members * 100 < 2 * seen, once seen >= 100.
+    model = spherical(members=[1, 2, 0, 3, 0], seen=[100, 100, 99, 200, 100])
+    assert find_dead(model, 2, 100).tolist() == [0, 3, 4]
+
+
+def test_sinks_by_hand():
+    # Ten centres of 100 members with mean cosine 0.8; a sink is >= 2 x 100 members with
+    # a mean cosine < 0.4.
+    def sinks(members, mean_sim):
+        m = np.full(10, 100)
+        s = np.full(10, 80.0)
+        m[4], s[4] = members, members * mean_sim
+        return find_sinks(spherical(m, np.full(10, 1000), s)).tolist()
+
+    assert sinks(200, 0.1) == [4]
+    assert sinks(199, 0.1) == []  # not twice the median
+    assert sinks(180, 0.1) == []
+    assert sinks(900, 0.5) == []  # similar enough
+
+
+def unit_rows(rng, n, dim, direction=None, spread=0.05):
+    rows = rng.standard_normal((n, dim))
+    if direction is not None:
+        rows = direction + spread * rows
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_reseeding_resets_the_reseeded_centres_state():
+    """Centre 3 won nothing (dead) and is also a sink by size and cosine: it is re-seeded
+    once, on the block's badly served group (direction e5), and starts afresh: no members,
+    sims or rows seen, its weight the rows it captured."""
+    rng = np.random.default_rng(0)
+    served = [unit_rows(rng, 50, 8, np.eye(8)[j]) for j in range(3)]
+    group = unit_rows(rng, 40, 8, np.eye(8)[5])
+    block = np.concatenate([*served, group])
+    sims = (block @ np.eye(4, 8, dtype=np.float32).T).max(axis=1)
+    model = spherical(members=[100, 100, 100, 400], seen=[1000, 1000, 1000, 10**6],
+                      sim_sums=[80.0, 80.0, 80.0, 40.0])  # fmt: skip
+    cfg = TrainConfig(metric="cosine", n_clusters=4, reseed_min_members=2, sink_split=True)
+    plan = plan_training(cfg, 1000, 8, 200, 1)
+    assert find_dead(model, 2, plan.reseed_window).tolist() == [3]
+    assert find_sinks(model).tolist() == [3]
+    reseed_centres(model, block, sims, plan, cfg, 0, 0)
+    entry = model.history[-1]
+    assert (entry["dead"], entry["sinks"], entry["reseeded"]) == (1, [], [3])
+    assert float(model.unit_centres[3] @ np.eye(8)[5]) > 0.99
+    assert (model.members[3], model.sim_sums[3], model.seen[3]) == (0, 0.0, 0)
+    assert model.counts[3] == entry["captured"][0] == 40  # the group's rows
+    assert model.members[:3].tolist() == [100] * 3 and model.counts[:3].tolist() == [50.0] * 3
+
+
+def test_reseeding_draws_from_the_seed_epoch_and_block():
+    """The draw of re-seed candidates is seeded by (seed, epoch, block): repeatable, and
+    another epoch or block draws other rows."""
+    rng = np.random.default_rng(1)
+    block = unit_rows(rng, 400, 16)  # no structure: which rows win depends on the draw
+    cfg = TrainConfig(metric="cosine", n_clusters=4, reseed_min_members=2, sink_split=False)
+    plan = plan_training(cfg, 1000, 16, 400, 1)
+
+    def reseeded(epoch, block_index):
+        model = spherical(members=[0, 0, 0, 0], seen=[1000] * 4, k_dim=16)
+        reseed_centres(model, block, np.full(400, 0.1, np.float32), plan, cfg, epoch, block_index)
+        return model.unit_centres.copy()
+
+    np.testing.assert_array_equal(reseeded(0, 1), reseeded(0, 1))
+    assert not np.array_equal(reseeded(0, 1), reseeded(0, 2))
+    assert not np.array_equal(reseeded(0, 1), reseeded(1, 1))
+
+
+def test_spherical_block_step_counts_each_row_once(tmp_path):
+    # 250 rows in batches of 100 (the last of 50): every centre has seen exactly 250.
+    rng = np.random.default_rng(2)
+    x = unit_rows(rng, 250, 8) * rng.uniform(0.5, 3, (250, 1)).astype(np.float32)
+    url = write_store(str(tmp_path / "s.zarr"), x, 250)
+    cfg = TrainConfig(metric="cosine", n_clusters=4, batch_size=100, reseed_min_members=0,
+                      sink_split=False)  # fmt: skip
+    plan = plan_training(cfg, 250, 8, 250, 1)
+    model = spherical(members=[0] * 4, seen=[0] * 4)
+    model.counts[:] = 0
+    out = spherical_fit_block(model, url, 0, 250, plan, cfg, 0, 0)
+    assert out.seen.tolist() == [250] * 4 and int(out.members.sum()) == 250
+    assert model.seen.tolist() == [0] * 4  # the input is untouched
+
+
+def test_spherical_block_sums_are_of_the_normalised_rows(tmp_path):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((300, 6)) * rng.uniform(0.1, 10, (300, 1))).astype(np.float32)
+    url = write_store(str(tmp_path / "s.zarr"), x, 300)
+    centres = unit_rows(rng, 4, 6)
+    sums, counts, sim_total = spherical_block_sums(url, 0, 300, centres, 1)
+    unit = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    cos = unit @ centres.T.astype(np.float64)
+    labels = cos.argmax(axis=1)
+    for j in range(4):
+        np.testing.assert_allclose(sums[j], unit[labels == j].sum(axis=0), rtol=0, atol=1e-4)
+    assert counts.tolist() == np.bincount(labels, minlength=4).tolist()
+    assert sim_total == pytest.approx(cos.max(axis=1).sum(), rel=1e-5)
+
+
+def test_spherical_refine_keeps_an_empty_clusters_centre():
+    # Re-seeding off: a centre that won no row in the pass stays where it was.
+    model = spherical(members=[5, 3, 0], seen=[8] * 3, k_dim=4)
+    sums = np.array([[2.0, 0, 0, 0], [0, 3.0, 3.0, 0], [0, 0, 0, 0]])
+    cfg = TrainConfig(metric="cosine", n_clusters=3, reseed_min_members=0)
+    plan = plan_training(cfg, 8, 4, 8, 1)
+    updated = spherical_lloyd_update(model, (sums, np.array([5, 3, 0]), 6.0), 1, "", plan, cfg)
+    expected = np.array([[1, 0, 0, 0], [0, 2**-0.5, 2**-0.5, 0], [0, 0, 1, 0]])
+    np.testing.assert_allclose(updated.unit_centres, expected, rtol=0, atol=1e-6)
+    entry = updated.history[-1]
+    assert entry["empty_clusters"] == 1 and entry["mean_sim_before"] == 6.0 / 8
+    np.testing.assert_array_equal(model.unit_centres, np.eye(3, 4))  # input untouched
+
+
+def test_final_entry_counts_starved_centres_even_without_reseeding():
+    # Re-seeding off (min members 0): a centre that won nothing over a window is starved.
+    cfg = TrainConfig(metric="cosine", n_clusters=3, reseed_min_members=0)
+    plan = plan_training(cfg, 1000, 8, 500, 1)
+    model = spherical(members=[60, 40, 0], seen=[plan.reseed_window] * 3)
+    final = finish_spherical(model, cfg, plan).history[-1]
+    assert final["step"] == "final" and final["starved"] == 1
+
+
+def test_reseed_history_names_the_epoch_and_block_it_happened_in(tmp_path):
+    """Six tight groups, and three lone rows in the k-means++ sample that seeding picks:
+    their centres win nothing and are re-seeded; each history entry of the fit's graph
+    names an (epoch, block) the chain visited, in visiting order."""
+    rng = np.random.default_rng(0)
+    directions = unit_rows(rng, 6, 32)
+    x = np.concatenate([unit_rows(rng, 300, 32, d) for d in directions])
+    x = x[rng.permutation(len(x))]
+    x[:3] = unit_rows(rng, 3, 32)  # lone rows, in the seeding sample (the first rows)
+    url = write_store(str(tmp_path / "s.zarr"), x, 300)
+    cfg = TrainConfig(metric="cosine", n_clusters=9, batch_size=300, epochs=1, seed=3,
+                      refine_iterations=0, init_projection_dim=None)  # fmt: skip
+    plan = plan_training(cfg, len(x), 32, 300, 1)
+    assert plan.block_orders[0][0] != 0
+    (model,) = dask.compute(fit_centroids(cfg, plan, url), scheduler="synchronous")
+    visits = [(e, b) for e, order in enumerate(plan.block_orders) for b in order]
+    entries = [(h["epoch"], h["block"]) for h in model.history if h["step"] == "reseed"]
+    assert entries and all(e in visits for e in entries)
+    assert [visits.index(e) for e in entries] == sorted(visits.index(e) for e in entries)
+
+
+def test_previous_kept_clusters_are_those_with_rows_left(tmp_path):
+    from pipeline.train import previous_kept_clusters
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    summary = pd.DataFrame({"cluster": [4, 7, 9], "size_final": [12, 0, 3]})
+    summary.to_parquet(tmp_path / "run" / "cluster_summary.parquet")
+    model = str(tmp_path / "run" / "model")
+    assert previous_kept_clusters(model, np.array([9, 4, 7])) == {4, 9}
+    assert previous_kept_clusters(model, np.array([4, 7])) is None  # describes other ids
+    assert previous_kept_clusters(str(tmp_path / "none" / "model"), np.array([4])) is None
+
+
+def test_a_renumbered_fit_keeps_each_centres_counts(small_dataset, tmp_path):
+    """A refit renumbered after the previous model saves its centres in id order; the
+    estimator's per-centre counts (mini-batch members over the epochs) must follow them:
+    they track each saved centre's share of the rows."""
+    import joblib
+
+    from pipeline.catalog import Catalog
+    from pipeline.runner import run
+    from tests.conftest import config_for
+
+    first = config_for(small_dataset, tmp_path / "out", ingest={"shuffle_seed": 0},
+                       train={"refine_iterations": 0})  # fmt: skip
+    run(first, ("ingest", "train"))
+    refit = config_for(small_dataset, tmp_path / "out", ingest={"shuffle_seed": 0},
+                       train={"refine_iterations": 0, "seed": 5})  # fmt: skip
+    assert run(refit, ("ingest", "train")).skipped == ["ingest"]
+    catalog = Catalog.from_config(refit.output)
+    centres = catalog.read_centres()
+    x = store.read_rows(catalog.store, 0, catalog.store_shape()[0])
+    sizes = np.bincount(labels_of(x, centres), minlength=len(centres))
+    counts = joblib.load(f"{catalog.model}/kmeans.joblib")._counts
+    assert np.corrcoef(sizes, counts)[0, 1] > 0.95
+
+
+def test_the_estimator_gets_the_configured_seed_and_reassignment(chain_store):
+    # Mini-batch reassignment draws from the estimator's random state: the plan's seed.
+    url, _ = chain_store
+    cfg = EuclideanTrain(n_clusters=CHAIN_K, batch_size=96, reassignment_ratio=0.3, seed=11)
+    plan = plan_training(cfg, CHAIN_N, CHAIN_DIM, CHAIN_CHUNK, blas_threads=1)
+    params = init_model(url, plan, cfg).estimator.get_params()
+    assert (params["random_state"], params["reassignment_ratio"]) == (11, 0.3)
+    assert (params["n_clusters"], params["batch_size"], params["n_init"]) == (CHAIN_K, 96, 1)
