@@ -719,3 +719,38 @@ def test_the_estimator_gets_the_configured_seed_and_reassignment(chain_store):
     params = init_model(url, plan, cfg).estimator.get_params()
     assert (params["random_state"], params["reassignment_ratio"]) == (11, 0.3)
     assert (params["n_clusters"], params["batch_size"], params["n_init"]) == (CHAIN_K, 96, 1)
+
+
+def test_refine_pass_reseeds_its_starved_centres_in_a_seeded_block(tmp_path):
+    """A spherical refinement pass re-seeds the centres that won fewer than
+    ``reseed_min_members`` rows per ``16 x k`` rows (here: fewer than 10 of 320): centre 1
+    (9 rows) is starved, centre 0 (exactly 10) is not. The new centre lands on the group
+    no centre serves (direction e5) in the block the pass drew, capturing that block's
+    e5 rows, and starts afresh; each pass draws its own block."""
+    rng = np.random.default_rng(4)
+    e5 = np.eye(8)[5]
+    is_e5 = rng.permutation(np.arange(320) < 240)  # 3 rows in 4 everywhere
+    x = np.where(is_e5[:, None], unit_rows(rng, 320, 8, e5), unit_rows(rng, 320, 8, np.eye(8)[2]))
+    url = write_store(str(tmp_path / "s.zarr"), x.astype(np.float32), 80)  # 4 blocks
+    cfg = TrainConfig(metric="cosine", n_clusters=4, reseed_min_members=2, seed=7)
+    plan = plan_training(cfg, 320, 8, 80, 1)
+    assert plan.reseed_window == 64 and plan.n_blocks == 4
+    counts = np.array([10, 9, 60, 241])
+    stats = (np.eye(4, 8) * counts[:, None], counts, 300.0)
+    blocks = []
+    for iteration in range(1, 9):
+        model = spherical(members=[100] * 4, seen=[1000] * 4)
+        out = spherical_lloyd_update(model, stats, iteration, url, plan, cfg)
+        entry = out.history[-1]
+        assert (entry["step"], entry["starved"], entry["reseeded"]) == (
+            f"refine {iteration}", 1, [1],
+        )  # fmt: skip
+        start, stop = plan.block_bounds(entry["block"])
+        captured = int(is_e5[start:stop].sum())
+        assert entry["captured"] == [captured] and out.counts[1] == captured
+        assert float(out.unit_centres[1] @ e5) > 0.99
+        assert (out.members[1], out.sim_sums[1], out.seen[1]) == (0, 0.0, 0)
+        assert out.members[[0, 2, 3]].tolist() == [100] * 3  # the others keep theirs
+        np.testing.assert_allclose(out.unit_centres[[0, 2, 3]], np.eye(4, 8)[[0, 2, 3]])
+        blocks.append(entry["block"])
+    assert len(set(blocks)) > 1
