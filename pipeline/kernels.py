@@ -125,6 +125,11 @@ def inertia_of(block: np.ndarray, centres: np.ndarray, centre_sq_norms: np.ndarr
     return float(row_sq_norms(diff).sum(dtype=np.float64))
 
 
+def greedy_trials(n_clusters: int) -> int:
+    """Candidates greedy k-means++ draws per centre (scikit-learn's ``2 + log(k)``)."""
+    return 2 + int(math.log(n_clusters))
+
+
 def kmeans_plusplus_indices(
     sample: np.ndarray, n_clusters: int, seed: int, trials: int | None = None
 ) -> np.ndarray:
@@ -139,7 +144,7 @@ def kmeans_plusplus_indices(
     if n < n_clusters:
         raise ValueError(f"k-means++ needs at least {n_clusters} rows; got {n}.")
     rng = np.random.default_rng(seed)
-    trials = trials or 2 + int(math.log(n_clusters))
+    trials = trials or greedy_trials(n_clusters)
     x_sq = row_sq_norms(x)
     chosen = np.empty(n_clusters, dtype=np.int64)
     chosen[0] = int(rng.integers(n))
@@ -198,7 +203,7 @@ def seeding_projection_dim(
     """
     if projection_dim is None or projection_dim >= n_features:
         return None
-    trials = 2 + int(math.log(n_clusters))
+    trials = greedy_trials(n_clusters)
     full = n_clusters * trials * n_features
     projected = n_clusters * trials * projection_dim + (
         (2 * PROJECTION_POWER_ITERATIONS + 2) * n_features * (projection_dim + 10)
